@@ -1,0 +1,8 @@
+"""VQ-VAE for TensorFlow 2 and Sonnet 2.
+
+The quantizers are drop-in replacements for `snt.nets.VectorQuantizer` and
+`snt.nets.VectorQuantizerEMA`; the rest of the package trains the reference
+CIFAR-10 model with them.
+"""
+
+__version__ = "0.1.0"
