@@ -49,13 +49,14 @@ def plot_reconstructions(originals: np.ndarray, reconstructions: np.ndarray,
     rows: grid rows.
     cols: grid columns.
   """
-  fig, axes = plt.subplots(1, 2, figsize=(16, 8))
+  fig, axes = plt.subplots(1, 2, figsize=(16, 16 * rows / cols / 2 + 0.5))
   for ax, images, title in ((axes[0], originals, "validation originals"),
                             (axes[1], reconstructions,
                              "validation reconstructions")):
     ax.imshow(_grid(np.asarray(images), rows, cols), interpolation="nearest")
     ax.set_title(title)
     ax.axis("off")
+  fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
 
