@@ -6,3 +6,5 @@ CIFAR-10 model with them.
 """
 
 __version__ = "0.1.0"
+
+from sonnet_vqvae.pixelcnn import GatedPixelCNN
