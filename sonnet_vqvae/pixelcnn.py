@@ -129,12 +129,12 @@ class GatedLayer(_Params):
     vertical_pre = _conv(padded, *self.vertical)
     kernel, bias = self.horizontal
     padded = tf.pad(horizontal, [[0, 0], [0, 0], [h, 0], [0, 0]])
-    horizontal_pre = (_conv(padded, kernel * self._horizontal_mask, bias) +
-                      _conv(vertical_pre, *self.vertical_to_horizontal))
+    horizontal_pre = _conv(padded, kernel * self._horizontal_mask, bias)
     if self._num_classes is not None:
       vertical_pre += tf.gather(self.vertical_class_bias, labels)[:, None, None]
       horizontal_pre += tf.gather(self.horizontal_class_bias,
                                   labels)[:, None, None]
+    horizontal_pre += _conv(vertical_pre, *self.vertical_to_horizontal)
     out = _conv(_gate(horizontal_pre), *self.horizontal_out)
     # The type-A input holds the current code, so a residual would leak it.
     if self._mask_type == "B":
