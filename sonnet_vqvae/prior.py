@@ -223,6 +223,10 @@ def train_on_codes(config: ml_collections.ConfigDict,
     if i % config.checkpoint_every_steps == 0 or last:
       step.assign(i)
       manager.save(checkpoint_number=i)
+    if i % config.checkpoint_every_steps == 0 and not last:
+      # The CIFAR-10 subset is small: watch the test NLL for overfitting.
+      logging.info("step %d: test NLL %.4f nats/code", i, evaluate(
+          model, test_data, config.eval_batch_size)["nll_nats_per_code"])
 
   metrics = evaluate(model, test_data, config.eval_batch_size)
   metrics.update(step=int(step.numpy()), train_nll_nats_per_code=train_nll)
