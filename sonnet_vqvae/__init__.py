@@ -7,4 +7,6 @@ CIFAR-10 model with them.
 
 __version__ = "0.1.0"
 
+from sonnet_vqvae.quantizers import VectorQuantizer
+from sonnet_vqvae.quantizers import VectorQuantizerEMA
 from sonnet_vqvae.pixelcnn import GatedPixelCNN

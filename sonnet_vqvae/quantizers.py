@@ -1,0 +1,574 @@
+"""Vector quantizers of VQ-VAE (https://arxiv.org/abs/1711.00937) for Sonnet 2.
+
+`VectorQuantizer` and `VectorQuantizerEMA` are drop-in replacements for
+`snt.nets.VectorQuantizer` and `snt.nets.VectorQuantizerEMA`: same constructor
+arguments, same output dict, same initialisers, losses and EMA updates. On top of
+the reference they
+
+* all-reduce the EMA statistics and the code histogram across replicas, so under
+  any `tf.distribute` strategy every replica holds the same codebook, equal to
+  the one a single device computes on the concatenated batch;
+* accept bfloat16 / float16 inputs and search codes in float32;
+* derive counts and summed inputs from the indices (segment sums) instead of an
+  `[N, K]` one-hot matmul, and search large codebooks in chunks;
+* offer codebook-health options, all off by default: a usage EMA with metrics,
+  dead-code restarts, k-means initialisation and l2-normalised (cosine) codes.
+"""
+
+from typing import Dict, Optional
+
+import sonnet as snt
+import tensorflow as tf
+
+# Above this many [N, K] distance entries the nearest-code search runs in chunks
+# of rows, so that memory stays O(chunk * K) instead of O(N * K).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _replica_local_statistics(next_creator, **kwargs):
+  """Variable creator: non-trainable state lives on each replica (as Replicator).
+
+  Every replica computes the same update from all-reduced statistics, so the
+  copies stay equal without a broadcast and reads take the first replica's.
+  """
+  if kwargs.get("aggregation") in (None, tf.VariableAggregation.NONE):
+    kwargs["aggregation"] = tf.VariableAggregation.ONLY_FIRST_REPLICA
+  if not kwargs.get("trainable", True):
+    kwargs["synchronization"] = tf.VariableSynchronization.ON_READ
+  return next_creator(**kwargs)
+
+
+def _replica_context() -> Optional[tf.distribute.ReplicaContext]:
+  """The replica context when there is more than one replica, else None."""
+  context = tf.distribute.get_replica_context()
+  if context is None or context.num_replicas_in_sync == 1:
+    return None
+  return context
+
+
+def _sum_over_replicas(value: tf.Tensor) -> tf.Tensor:
+  context = _replica_context()
+  if context is None:
+    return value
+  return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+def _broadcast_from_first_replica(value: tf.Tensor) -> tf.Tensor:
+  """Replica 0's `value`, on every replica."""
+  context = _replica_context()
+  if context is None:
+    return value
+  # A sum with zeros from the other replicas: all_gather cannot be ordered with
+  # the other collectives of the step, all_reduce can.
+  is_first = tf.equal(context.replica_id_in_sync_group, 0)
+  return context.all_reduce(tf.distribute.ReduceOp.SUM,
+                            tf.where(is_first, value, tf.zeros_like(value)))
+
+
+def _squared_distances(flat_inputs: tf.Tensor, codebook: tf.Tensor) -> tf.Tensor:
+  """[N, D] x [D, K] -> [N, K] squared Euclidean distances (reference formula)."""
+  return (tf.reduce_sum(flat_inputs**2, 1, keepdims=True) -
+          2 * tf.matmul(flat_inputs, codebook) +
+          tf.reduce_sum(codebook**2, 0, keepdims=True))
+
+
+def _nearest_codes_chunked(flat_inputs: tf.Tensor, codebook: tf.Tensor,
+                           chunk_rows: int) -> tf.Tensor:
+  """Indices [N] of the nearest codes, searching `chunk_rows` inputs at a time."""
+  num_inputs = tf.shape(flat_inputs)[0]
+  num_chunks = (num_inputs + chunk_rows - 1) // chunk_rows
+  padded = tf.pad(flat_inputs, [[0, num_chunks * chunk_rows - num_inputs], [0, 0]])
+  chunks = tf.reshape(padded, [num_chunks, chunk_rows, flat_inputs.shape[1]])
+  # |x|^2 does not change the argmin over codes, so it is left out.
+  half_code_norms = 0.5 * tf.reduce_sum(codebook**2, 0, keepdims=True)
+
+  def nearest(chunk):
+    return tf.argmin(half_code_norms - tf.matmul(chunk, codebook), axis=1)
+
+  # One chunk at a time: running chunks in parallel would bring back the memory.
+  indices = tf.map_fn(nearest, chunks, fn_output_signature=tf.int64,
+                      parallel_iterations=1)
+  return tf.reshape(indices, [-1])[:num_inputs]
+
+
+def _kmeans(points: tf.Tensor, num_clusters: int, num_iters: int,
+            seed: tf.Tensor) -> tf.Tensor:
+  """Lloyd's k-means with k-means++ seeding.
+
+  Args:
+    points: [M, D] float tensor, M > 0.
+    num_clusters: K, the number of centres.
+    num_iters: number of Lloyd iterations after seeding.
+    seed: int32 [2] seed of the stateless random ops (the same seed gives the
+      same centres on every replica).
+
+  Returns:
+    [D, K] centres (columns), in the codebook layout.
+  """
+  num_points = tf.shape(points)[0]
+  first = tf.random.stateless_uniform([], seed, maxval=num_points, dtype=tf.int32)
+  centres = tf.tensor_scatter_nd_update(
+      tf.zeros([num_clusters, points.shape[1]], points.dtype), [[0]],
+      points[first][None])
+  min_sq_dist = tf.reduce_sum((points - points[first])**2, axis=1)
+
+  def seed_next(k, centres, min_sq_dist):
+    # k-means++: the next centre is drawn with probability proportional to D(x)^2.
+    logits = tf.math.log(min_sq_dist + 1e-12)[None]
+    pick = tf.random.stateless_categorical(
+        logits, 1, seed + tf.stack([k, 0]), dtype=tf.int32)[0, 0]
+    centres = tf.tensor_scatter_nd_update(centres, [[k]], points[pick][None])
+    sq_dist = tf.reduce_sum((points - points[pick])**2, axis=1)
+    return k + 1, centres, tf.minimum(min_sq_dist, sq_dist)
+
+  _, centres, _ = tf.while_loop(lambda k, *_: k < num_clusters, seed_next,
+                                (tf.constant(1), centres, min_sq_dist))
+
+  def lloyd_step(i, centres):
+    assignment = tf.argmin(
+        _squared_distances(points, tf.transpose(centres)), axis=1)
+    sums = tf.math.unsorted_segment_sum(points, assignment, num_clusters)
+    counts = tf.math.unsorted_segment_sum(
+        tf.ones([num_points], points.dtype), assignment, num_clusters)
+    # An empty cluster keeps its centre rather than collapsing to the origin.
+    means = sums / tf.maximum(counts, 1)[:, None]
+    return i + 1, tf.where(counts[:, None] > 0, means, centres)
+
+  _, centres = tf.while_loop(lambda i, _: i < num_iters, lloyd_step,
+                             (tf.constant(0), centres))
+  return tf.transpose(centres)
+
+
+class _Quantizer(snt.Module):
+  """Shared search, losses, metrics and codebook health of both quantizers."""
+
+  def __init__(self, embedding_dim: int, num_embeddings: int,
+               commitment_cost: float, dtype: tf.DType, trainable: bool,
+               usage_decay: float, dead_code_threshold: float, kmeans_init: bool,
+               kmeans_iters: int, cosine: bool, seed: int, name: str):
+    super().__init__(name=name)
+    if embedding_dim <= 0:
+      raise ValueError(f"embedding_dim must be positive, got {embedding_dim}.")
+    if num_embeddings <= 0:
+      raise ValueError(f"num_embeddings must be positive, got {num_embeddings}.")
+    if commitment_cost < 0:
+      raise ValueError(
+          f"commitment_cost must be non-negative, got {commitment_cost}.")
+    if not tf.as_dtype(dtype).is_floating:
+      raise ValueError(f"dtype must be a floating type, got {dtype}.")
+    if not 0 <= usage_decay < 1:
+      raise ValueError(f"usage_decay must be in [0, 1), got {usage_decay}.")
+    if dead_code_threshold < 0:
+      raise ValueError(
+          f"dead_code_threshold must be non-negative, got {dead_code_threshold}.")
+    if kmeans_iters < 0:
+      raise ValueError(f"kmeans_iters must be non-negative, got {kmeans_iters}.")
+    self.embedding_dim = embedding_dim
+    self.num_embeddings = num_embeddings
+    self.commitment_cost = commitment_cost
+    self.usage_decay = usage_decay
+    self.dead_code_threshold = dead_code_threshold
+    self.kmeans_init = kmeans_init
+    self.kmeans_iters = kmeans_iters
+    self.cosine = cosine
+    self._seed = seed
+
+    with tf.variable_creator_scope(_replica_local_statistics):
+      initializer = snt.initializers.VarianceScaling(distribution="uniform")
+      self.embeddings = tf.Variable(
+          initializer([embedding_dim, num_embeddings], dtype),
+          trainable=trainable, name="embeddings")
+      # Vectors per training step assigned to each code, as an EMA.
+      self.code_usage = tf.Variable(
+          tf.zeros([num_embeddings], tf.float32), trainable=False,
+          name="code_usage")
+      self.training_steps = tf.Variable(
+          0, trainable=False, dtype=tf.int64, name="training_steps")
+      self._create_statistics(dtype)
+
+  def _create_statistics(self, dtype: tf.DType) -> None:
+    """Creates the variables the subclass updates (inside the creator scope)."""
+
+  def _update_codebook(self, flat_inputs: tf.Tensor, indices: tf.Tensor,
+                       counts: tf.Tensor) -> None:
+    """Subclass hook: updates the codebook from the global batch statistics."""
+
+  def _reset_statistics(self, restarted: tf.Tensor, new_codes: tf.Tensor) -> None:
+    """Subclass hook: statistics of the `restarted` [K] codes, now `new_codes`."""
+
+  def _compute_dtype(self, inputs: tf.Tensor) -> tf.DType:
+    if tf.float64 in (inputs.dtype, self.embeddings.dtype):
+      return tf.float64
+    return tf.float32
+
+  def _codebook(self, dtype: tf.DType) -> tf.Tensor:
+    codebook = tf.cast(self.embeddings, dtype)
+    if self.cosine:
+      codebook = tf.math.l2_normalize(codebook, axis=0)
+    return codebook
+
+  def _check_inputs(self, inputs: tf.Tensor) -> None:
+    if inputs.shape.rank is not None and inputs.shape.rank < 2:
+      raise ValueError(
+          f"inputs must have rank >= 2 ([..., embedding_dim]), got shape "
+          f"{inputs.shape}.")
+    if inputs.shape[-1] not in (None, self.embedding_dim):
+      raise ValueError(
+          f"The last axis of inputs must equal embedding_dim="
+          f"{self.embedding_dim}, got {inputs.shape[-1]} (inputs shape "
+          f"{inputs.shape}).")
+    if not inputs.dtype.is_floating:
+      raise TypeError(f"inputs must be floating point, got {inputs.dtype}.")
+
+  def __call__(self, inputs: tf.Tensor, is_training: bool) -> Dict[str, tf.Tensor]:
+    """Quantizes `inputs` to their nearest codebook vectors.
+
+    Args:
+      inputs: [..., embedding_dim] floating tensor of rank >= 2; all leading axes
+        are flattened into N vectors quantized independently.
+      is_training: whether to update the codebook statistics (EMA, usage,
+        restarts, k-means initialisation).
+
+    Returns:
+      dict with
+        quantize: inputs' shape and dtype, the quantized inputs with a
+          straight-through gradient to `inputs`.
+        loss: scalar, commitment loss (plus codebook loss without EMA).
+        perplexity: scalar, exp(entropy) of the code histogram of the global
+          batch (over all replicas).
+        encodings: [N, num_embeddings] one-hot codes.
+        encoding_indices: int64 inputs.shape[:-1], the code indices.
+        distances: [N, num_embeddings] squared distances to every code.
+        codes_used: int32 scalar, distinct codes in the global batch.
+        codes_used_ema: int32 scalar, codes whose usage EMA is at least
+          (1 - usage_decay) / 2 vectors per step: roughly, codes used at least
+          once in the last ln(2) / (1 - usage_decay) training steps.
+    """
+    inputs = tf.convert_to_tensor(inputs)
+    self._check_inputs(inputs)
+    compute_dtype = self._compute_dtype(inputs)
+    flat_inputs = tf.cast(tf.reshape(inputs, [-1, self.embedding_dim]),
+                          compute_dtype)
+    if self.cosine:
+      flat_inputs = tf.math.l2_normalize(flat_inputs, axis=1)
+
+    if is_training and (self.kmeans_init or self.dead_code_threshold > 0):
+      self._maintain_codebook(flat_inputs)
+
+    codebook = self._codebook(compute_dtype)
+    distances = _squared_distances(flat_inputs, codebook)
+    num_inputs = flat_inputs.shape[0]
+    large = (num_inputs is not None and
+             num_inputs * self.num_embeddings > _CHUNK_ELEMENTS)
+    if large and not tf.executing_eagerly():
+      # Under tf.function `distances` is only computed if the caller uses it.
+      flat_indices = _nearest_codes_chunked(
+          flat_inputs, codebook,
+          max(1, _CHUNK_ELEMENTS // self.num_embeddings))
+    else:
+      flat_indices = tf.argmin(distances, axis=1)
+
+    counts = _sum_over_replicas(tf.math.unsorted_segment_sum(
+        tf.ones_like(flat_indices, tf.float32), flat_indices,
+        self.num_embeddings))
+    encoding_indices = tf.reshape(flat_indices, tf.shape(inputs)[:-1])
+    quantized = self._lookup(encoding_indices, codebook)
+    target = tf.reshape(flat_inputs, tf.shape(quantized))
+
+    if is_training:
+      self._update_codebook(flat_inputs, flat_indices, counts)
+      self._update_usage(counts)
+    loss = self._loss(target, quantized)
+
+    # Straight Through Estimator
+    quantized = target + tf.stop_gradient(quantized - target)
+    avg_probs = counts / tf.maximum(tf.reduce_sum(counts), 1.)
+    perplexity = tf.exp(-tf.reduce_sum(avg_probs * tf.math.log(avg_probs + 1e-10)))
+    return {
+        "quantize": tf.cast(quantized, inputs.dtype),
+        "loss": loss,
+        "perplexity": perplexity,
+        "encodings": tf.one_hot(flat_indices, self.num_embeddings,
+                                dtype=compute_dtype),
+        "encoding_indices": encoding_indices,
+        "distances": distances,
+        "codes_used": tf.math.count_nonzero(counts, dtype=tf.int32),
+        "codes_used_ema": tf.math.count_nonzero(
+            self.code_usage >= (1 - self.usage_decay) / 2, dtype=tf.int32),
+    }
+
+  def _loss(self, inputs: tf.Tensor, quantized: tf.Tensor) -> tf.Tensor:
+    """Scalar loss given the (flattened-compatible) inputs and their codes."""
+    raise NotImplementedError
+
+  def _update_usage(self, counts: tf.Tensor) -> None:
+    first_step = tf.equal(self.training_steps, 0)
+    # The first step sets the EMA to the first histogram instead of biasing it
+    # towards zero, which would declare every code dead.
+    self.code_usage.assign(tf.where(
+        first_step, counts,
+        self.usage_decay * self.code_usage + (1 - self.usage_decay) * counts))
+    self.training_steps.assign_add(1)
+
+  def _maintain_codebook(self, flat_inputs: tf.Tensor) -> None:
+    """k-means initialisation on the first step, then dead-code restarts."""
+    has_points = tf.shape(flat_inputs)[0] > 0
+    seed = tf.stack([tf.constant(self._seed, tf.int32),
+                     tf.cast(self.training_steps, tf.int32)])
+    first_step = tf.equal(self.training_steps, 0)
+    codebook = tf.cast(self.embeddings, flat_inputs.dtype)
+    # New codes come from replica 0's batch and are broadcast once, so all
+    # replicas make the same choice. Variables are assigned outside tf.cond
+    # because MirroredStrategy cannot sync an assignment inside control flow.
+    if self.kmeans_init:
+      codebook = tf.cond(
+          first_step & has_points,
+          lambda: _kmeans(flat_inputs, self.num_embeddings, self.kmeans_iters,
+                          seed),
+          lambda: codebook)
+    if self.dead_code_threshold > 0:
+      dead = (self.code_usage < self.dead_code_threshold) & ~first_step
+      restarted = tf.cond(tf.reduce_any(dead) & has_points,
+                          lambda: self._random_points(flat_inputs, seed),
+                          lambda: codebook)
+      codebook = tf.where(dead[None], restarted, codebook)
+    codebook = _broadcast_from_first_replica(codebook)
+    if self.dead_code_threshold > 0:
+      # A grace period of ~ln(2) / (1 - usage_decay) steps before the next
+      # restart of the same code.
+      self.code_usage.assign(tf.where(dead, 2 * self.dead_code_threshold,
+                                      self.code_usage))
+      self._reset_statistics(dead, codebook)
+    self.embeddings.assign(tf.cast(codebook, self.embeddings.dtype))
+
+  def _random_points(self, points: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """[D, K] distinct random vectors of the [M, D] `points` (M > 0)."""
+    num_points = tf.shape(points)[0]
+    order = tf.argsort(tf.random.stateless_uniform([num_points], seed))
+    # With fewer points than codes, points are reused in the same random order.
+    picks = tf.gather(order, tf.range(self.num_embeddings) % num_points)
+    return tf.transpose(tf.gather(points, picks))
+
+  def quantize(self, encoding_indices: tf.Tensor) -> tf.Tensor:
+    """Returns the codebook vectors [..., embedding_dim] of integer indices.
+
+    Raises:
+      tf.errors.InvalidArgumentError: if an index is outside [0, num_embeddings).
+    """
+    encoding_indices = tf.convert_to_tensor(encoding_indices)
+    checks = [
+        tf.debugging.assert_non_negative(
+            encoding_indices, message="quantize: negative code index"),
+        tf.debugging.assert_less(
+            encoding_indices,
+            tf.cast(self.num_embeddings, encoding_indices.dtype),
+            message=f"quantize: code index >= num_embeddings="
+                    f"{self.num_embeddings}"),
+    ]
+    with tf.control_dependencies(checks):
+      return self._lookup(encoding_indices,
+                          self._codebook(self.embeddings.dtype))
+
+  def _lookup(self, encoding_indices: tf.Tensor,
+              codebook: tf.Tensor) -> tf.Tensor:
+    return tf.nn.embedding_lookup(tf.transpose(codebook), encoding_indices)
+
+
+class VectorQuantizer(_Quantizer):
+  """VQ-VAE layer whose codebook is trained by gradient (the codebook loss).
+
+  Implements the algorithm of 'Neural Discrete Representation Learning' by
+  van den Oord et al. https://arxiv.org/abs/1711.00937, as
+  `snt.nets.VectorQuantizer` does, and replica-aware (see the module docstring).
+
+  The last axis of the input is the space we quantize in; all other axes are
+  flattened: a [16, 32, 32, 64] input becomes 16384 vectors of size 64, each
+  quantized independently. The output has the input's shape.
+
+  Attributes:
+    embedding_dim: D, size of the vectors in the quantized space.
+    num_embeddings: K, number of codebook vectors.
+    commitment_cost: beta of equation 4 in the paper.
+    embeddings: [D, K] trainable codebook variable.
+    code_usage: [K] EMA of the vectors per training step assigned to each code.
+  """
+
+  def __init__(self,
+               embedding_dim: int,
+               num_embeddings: int,
+               commitment_cost: float,
+               dtype: tf.DType = tf.float32,
+               *,
+               usage_decay: float = 0.99,
+               dead_code_threshold: float = 0.0,
+               kmeans_init: bool = False,
+               kmeans_iters: int = 10,
+               cosine: bool = False,
+               seed: int = 0,
+               name: str = "vector_quantizer"):
+    """Constructs the quantizer.
+
+    Args:
+      embedding_dim: D, size of the vectors in the quantized space; inputs'
+        last axis must have this size.
+      num_embeddings: K, number of codebook vectors.
+      commitment_cost: beta, weight of the commitment loss (equation 4).
+      dtype: dtype of the embeddings variable.
+      usage_decay: decay of the per-code usage EMA behind `codes_used_ema` and
+        dead-code restarts.
+      dead_code_threshold: when > 0, codes assigned fewer than this many vectors
+        per step (usage EMA) are restarted on random vectors of the batch.
+      kmeans_init: initialise the codebook by k-means on the first training
+        batch.
+      kmeans_iters: Lloyd iterations of the k-means initialisation.
+      cosine: quantize l2-normalised inputs with l2-normalised codes.
+      seed: seed of the random choices of restarts and k-means.
+      name: name of the module.
+
+    Raises:
+      ValueError: if a size is not positive, a cost, decay or threshold is out
+        of range, or dtype is not floating.
+    """
+    super().__init__(embedding_dim, num_embeddings, commitment_cost, dtype,
+                     trainable=True, usage_decay=usage_decay,
+                     dead_code_threshold=dead_code_threshold,
+                     kmeans_init=kmeans_init, kmeans_iters=kmeans_iters,
+                     cosine=cosine, seed=seed, name=name)
+
+  def _loss(self, inputs, quantized):
+    e_latent_loss = _mean_square(tf.stop_gradient(quantized) - inputs)
+    q_latent_loss = _mean_square(quantized - tf.stop_gradient(inputs))
+    return q_latent_loss + self.commitment_cost * e_latent_loss
+
+
+class VectorQuantizerEMA(_Quantizer):
+  """VQ-VAE layer whose codebook follows exponential moving averages.
+
+  As `snt.nets.VectorQuantizerEMA`: the codebook is the debiased EMA of the
+  summed inputs assigned to each code divided by the Laplace-smoothed EMA of
+  their counts, independent of the optimizer; the loss is the commitment loss
+  only. Unlike stock Sonnet, the statistics are all-reduced across replicas
+  before the update, so every replica holds the same codebook.
+
+  The last axis of the input is the space we quantize in; all other axes are
+  flattened: a [16, 32, 32, 64] input becomes 16384 vectors of size 64, each
+  quantized independently. The output has the input's shape.
+
+  Attributes:
+    embedding_dim: D, size of the vectors in the quantized space.
+    num_embeddings: K, number of codebook vectors.
+    commitment_cost: beta of equation 4 in the paper.
+    decay: decay of the moving averages.
+    epsilon: Laplace smoothing constant of the cluster sizes.
+    embeddings: [D, K] non-trainable codebook variable.
+    ema_cluster_size: `snt.ExponentialMovingAverage` of the [K] code counts.
+    ema_dw: `snt.ExponentialMovingAverage` of the [D, K] summed inputs.
+    code_usage: [K] EMA of the vectors per training step assigned to each code.
+  """
+
+  def __init__(self,
+               embedding_dim: int,
+               num_embeddings: int,
+               commitment_cost: float,
+               decay: float,
+               epsilon: float = 1e-5,
+               dtype: tf.DType = tf.float32,
+               *,
+               usage_decay: float = 0.99,
+               dead_code_threshold: float = 0.0,
+               kmeans_init: bool = False,
+               kmeans_iters: int = 10,
+               cosine: bool = False,
+               seed: int = 0,
+               name: str = "vector_quantizer_ema"):
+    """Constructs the quantizer.
+
+    Args:
+      embedding_dim: D, size of the vectors in the quantized space; inputs'
+        last axis must have this size.
+      num_embeddings: K, number of codebook vectors.
+      commitment_cost: beta, weight of the commitment loss (equation 4).
+      decay: decay of the codebook moving averages, in [0, 1].
+      epsilon: Laplace smoothing constant of the cluster sizes, >= 0.
+      dtype: dtype of the embeddings and statistics.
+      usage_decay: decay of the per-code usage EMA behind `codes_used_ema` and
+        dead-code restarts.
+      dead_code_threshold: when > 0, codes assigned fewer than this many vectors
+        per step (usage EMA) are restarted on random vectors of the batch, with
+        their EMA statistics reset so they are not pulled straight back.
+      kmeans_init: initialise the codebook by k-means on the first training
+        batch.
+      kmeans_iters: Lloyd iterations of the k-means initialisation.
+      cosine: quantize l2-normalised inputs with l2-normalised codes.
+      seed: seed of the random choices of restarts and k-means.
+      name: name of the module.
+
+    Raises:
+      ValueError: if a size is not positive, decay is outside [0, 1], or
+        another option is out of range.
+    """
+    if not 0 <= decay <= 1:
+      raise ValueError(f"decay must be in range [0, 1], got {decay}.")
+    if epsilon < 0:
+      raise ValueError(f"epsilon must be non-negative, got {epsilon}.")
+    self.decay = decay
+    self.epsilon = epsilon
+    super().__init__(embedding_dim, num_embeddings, commitment_cost, dtype,
+                     trainable=False, usage_decay=usage_decay,
+                     dead_code_threshold=dead_code_threshold,
+                     kmeans_init=kmeans_init, kmeans_iters=kmeans_iters,
+                     cosine=cosine, seed=seed, name=name)
+
+  def _create_statistics(self, dtype):
+    # A typed decay: a Python float meets float64 statistics as float32 inside
+    # tf.function, which breaks the stock module in float64.
+    decay = tf.constant(self.decay, dtype)
+    self.ema_cluster_size = snt.ExponentialMovingAverage(
+        decay=decay, name="ema_cluster_size")
+    self.ema_cluster_size.initialize(tf.zeros([self.num_embeddings], dtype))
+    self.ema_dw = snt.ExponentialMovingAverage(decay=decay, name="ema_dw")
+    self.ema_dw.initialize(self.embeddings)
+
+  def _update_codebook(self, flat_inputs, indices, counts):
+    dtype = self.embeddings.dtype
+    dw = _sum_over_replicas(tf.transpose(tf.math.unsorted_segment_sum(
+        flat_inputs, indices, self.num_embeddings)))
+    cluster_size = self.ema_cluster_size(tf.cast(counts, dtype))
+    updated_dw = self.ema_dw(tf.cast(dw, dtype))
+    n = tf.reduce_sum(cluster_size)
+    # Laplace smoothing keeps unused codes from dividing by zero.
+    cluster_size = ((cluster_size + self.epsilon) /
+                    (n + self.num_embeddings * self.epsilon) * n)
+    # Codes without any statistics yet (only before the first non-empty
+    # batch) keep their value instead of becoming 0 / 0.
+    cluster_size = tf.reshape(cluster_size, [1, -1])
+    self.embeddings.assign(tf.where(cluster_size > 0, updated_dw / cluster_size,
+                                    self.embeddings))
+
+  def _reset_statistics(self, restarted, new_codes):
+    # A restarted code starts as a cluster of `dead_code_threshold` vectors at
+    # its new position, so this step's update moves it towards its new vectors
+    # rather than back to where it died.
+    dtype = self.embeddings.dtype
+    size = tf.cast(self.dead_code_threshold, dtype)
+    for ema, value, mask in (
+        (self.ema_cluster_size, tf.fill([self.num_embeddings], size), restarted),
+        (self.ema_dw, size * tf.cast(new_codes, dtype), restarted[None])):
+      # pylint: disable=protected-access
+      # snt.ExponentialMovingAverage only resets all entries; `hidden` is its
+      # biased state, average = hidden / (1 - decay^counter).
+      debias = 1 - tf.pow(tf.cast(self.decay, dtype),
+                          tf.cast(ema._counter, dtype))
+      ema._hidden.assign(tf.where(mask, value * debias, ema._hidden))
+      # pylint: enable=protected-access
+      ema.average.assign(tf.where(mask, value, ema.average))
+
+  def _loss(self, inputs, quantized):
+    e_latent_loss = _mean_square(tf.stop_gradient(quantized) - inputs)
+    return self.commitment_cost * e_latent_loss
+
+
+def _mean_square(x: tf.Tensor) -> tf.Tensor:
+  # Unlike tf.reduce_mean, an empty batch gives 0 rather than NaN.
+  size = tf.cast(tf.maximum(tf.size(x), 1), x.dtype)
+  return tf.reduce_sum(x**2) / size
