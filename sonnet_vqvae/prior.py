@@ -69,26 +69,27 @@ def code_nll(model: pixelcnn.GatedPixelCNN, codes: tf.Tensor,
 
 
 def encode_split(vqvae: snt.Module, split: str, *, batch_size: int,
-                 data_dir: Optional[str],
+                 dataset: str, data_dir: Optional[str],
                  download: bool) -> Dict[str, np.ndarray]:
-  """Encodes a CIFAR-10 split to code grids with a VQ-VAE.
+  """Encodes a dataset split to code grids with a VQ-VAE.
 
   Args:
     vqvae: a model with `encode(images [B, 32, 32, 3]) -> [B, H, W]` indices.
     split: tfds split name.
     batch_size: images per encoder call.
+    dataset: tfds dataset name (the VQ-VAE's, e.g. "cifar10").
     data_dir: tfds data directory.
     download: whether tfds may download the data.
 
   Returns:
     {'codes': [N, H, W] int32 indices, 'labels': [N] int32 class labels}.
   """
-  dataset = input_pipeline.load_split(split, data_dir=data_dir,
-                                      download=download)
-  dataset = dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+  batches = input_pipeline.load_split(
+      split, dataset=dataset, data_dir=data_dir, download=download).batch(
+          batch_size).prefetch(tf.data.AUTOTUNE)
   encode = tf.function(vqvae.encode)
   codes, labels = [], []
-  for batch in dataset:
+  for batch in batches:
     codes.append(encode(batch["image"]).numpy())
     labels.append(batch["label"].numpy())
   return {"codes": np.concatenate(codes).astype(np.int32),
@@ -211,19 +212,19 @@ def train_on_codes(config: ml_collections.ConfigDict,
     return strategy.reduce("mean", losses, axis=None)
 
   window, window_start, train_nll = [], time.time(), float("nan")
-  for i in range(start + 1, config.num_train_steps + 1):
+  for i in range(start + 1, config.num_steps + 1):
     window.append(train_step(next(batches)))
-    last = i == config.num_train_steps
-    if i % config.log_every_steps == 0 or last:
+    last = i == config.num_steps
+    if i % config.log_every == 0 or last:
       train_nll = float(np.mean(window))
       steps_per_sec = len(window) / (time.time() - window_start)
       logging.info("step %d/%d: train NLL %.4f nats/code, %.2f steps/s", i,
-                   config.num_train_steps, train_nll, steps_per_sec)
+                   config.num_steps, train_nll, steps_per_sec)
       window, window_start = [], time.time()
-    if i % config.checkpoint_every_steps == 0 or last:
+    if i % config.checkpoint_every == 0 or last:
       step.assign(i)
       manager.save(checkpoint_number=i)
-    if i % config.checkpoint_every_steps == 0 and not last:
+    if i % config.checkpoint_every == 0 and not last:
       # The CIFAR-10 subset is small: watch the test NLL for overfitting.
       logging.info("step %d: test NLL %.4f nats/code", i, evaluate(
           model, test_data, config.eval_batch_size)["nll_nats_per_code"])
@@ -239,6 +240,7 @@ def train_on_codes(config: ml_collections.ConfigDict,
 def _data_options(config: ml_collections.ConfigDict,
                   vqvae_config: ml_collections.ConfigDict) -> Dict[str, object]:
   return {
+      "dataset": vqvae_config.dataset,
       "data_dir": (vqvae_config.data_dir
                    if config.data_dir is None else config.data_dir),
       "download": (vqvae_config.download

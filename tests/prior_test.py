@@ -9,8 +9,12 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
+from sonnet_vqvae import input_pipeline
+from sonnet_vqvae import networks
 from sonnet_vqvae import prior
+from sonnet_vqvae.configs import default as vqvae_default
 from sonnet_vqvae.configs import prior as prior_config
 
 _K = 8
@@ -19,8 +23,8 @@ _K = 8
 def _tiny_config(**overrides):
   config = prior_config.get_config()
   config.update(hidden_channels=8, num_layers=2, batch_size=8,
-                learning_rate=1e-2, num_train_steps=40, log_every_steps=10,
-                checkpoint_every_steps=20, eval_batch_size=16)
+                learning_rate=1e-2, num_steps=40, log_every=10,
+                checkpoint_every=20, eval_batch_size=16)
   config.update(overrides)
   return config
 
@@ -33,6 +37,25 @@ def _constant_grids(num, seed):
   # the first code right.
   codes = np.broadcast_to((labels % _K)[:, None, None], [num, 3, 3])
   return {"codes": np.ascontiguousarray(codes), "labels": labels}
+
+
+class EncodeSplitTest(absltest.TestCase):
+
+  def test_codes_and_labels_of_every_image(self):
+    vqvae_config = vqvae_default.get_config()
+    vqvae_config.update(num_hiddens=8, num_residual_hiddens=4, embedding_dim=4,
+                        num_embeddings=_K)
+    vqvae = networks.build_model(vqvae_config, data_variance=0.06)
+    with tfds.testing.mock_data(num_examples=5):
+      data = prior.encode_split(vqvae, "test", batch_size=2,
+                                dataset="cifar10", data_dir=None,
+                                download=True)
+      examples = next(iter(input_pipeline.load_split("test").batch(5)))
+    np.testing.assert_array_equal(data["codes"],
+                                  vqvae.encode(examples["image"]).numpy())
+    np.testing.assert_array_equal(data["labels"], examples["label"].numpy())
+    self.assertEqual(data["codes"].dtype, np.int32)
+    self.assertEqual(data["codes"].shape, (5, 8, 8))
 
 
 class EvaluateTest(parameterized.TestCase):
@@ -70,7 +93,7 @@ class TrainOnCodesTest(parameterized.TestCase):
   def test_learns_repeated_codes(self, class_conditional):
     workdir = self.enter_context(tempfile.TemporaryDirectory())
     config = _tiny_config(class_conditional=class_conditional,
-                          num_train_steps=100)
+                          num_steps=100)
     metrics = prior.train_on_codes(config, _constant_grids(64, seed=0),
                                    _constant_grids(32, seed=1), _K, workdir)
     # Uniform costs log 8 = 2.08 nats per code. Knowing that the grid repeats
@@ -85,7 +108,7 @@ class TrainOnCodesTest(parameterized.TestCase):
     once = self.enter_context(tempfile.TemporaryDirectory())
     prior.train_on_codes(_tiny_config(), train, test, _K, once)
     resumed = self.enter_context(tempfile.TemporaryDirectory())
-    prior.train_on_codes(_tiny_config(num_train_steps=20), train, test, _K,
+    prior.train_on_codes(_tiny_config(num_steps=20), train, test, _K,
                          resumed)
     metrics = prior.train_on_codes(_tiny_config(), train, test, _K, resumed)
     self.assertEqual(metrics["step"], 40)

@@ -21,9 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Training.
   config.batch_size = 32  # global, split over the replicas
   config.learning_rate = 3e-4
-  config.num_train_steps = 3000
-  config.log_every_steps = 100
-  config.checkpoint_every_steps = 1000
+  config.num_steps = 3000
+  config.log_every = 100
+  config.checkpoint_every = 1000
   config.seed = 0
 
   # Data: None uses the VQ-VAE run's data_dir / download settings.
