@@ -305,11 +305,47 @@ def save_image_grid(images: np.ndarray, path: str, title: str):
   fig.savefig(path, dpi=100)
 
 
+def sample_images(model: pixelcnn.GatedPixelCNN, vqvae: snt.Module, *,
+                  num_samples: int, label: int, temperature: float,
+                  seed: int) -> np.ndarray:
+  """Samples code grids from the prior and decodes them with the VQ-VAE.
+
+  Args:
+    model: the prior.
+    vqvae: a model with `encode` ([B, 32, 32, 3] images -> [B, H, W] codes) and
+      `decode` (codes -> images).
+    num_samples: images to draw.
+    label: class of every sample; < 0 cycles through the classes for a
+      class-conditional prior and is required for an unconditional one.
+    temperature: sampling temperature (> 0).
+    seed: sampling seed.
+
+  Returns:
+    [num_samples, 32, 32, 3] float32 images, nominally in [-0.5, 0.5].
+
+  Raises:
+    ValueError: if label is set for an unconditional prior or is no class.
+  """
+  if label >= CIFAR10_NUM_CLASSES or (label >= 0 and not model.num_classes):
+    raise ValueError(f"sample_label {label} is not a class of this prior.")
+  if not model.num_classes:
+    labels = None
+  elif label < 0:
+    labels = np.arange(num_samples) % model.num_classes
+  else:
+    labels = label
+  # The grid size is what the encoder makes of one image.
+  height, width = vqvae.encode(tf.zeros([1, 32, 32, 3])).shape[1:]
+  codes = model.sample(num_samples, height, width, labels=labels,
+                       temperature=temperature, seed=seed)
+  return vqvae.decode(codes).numpy()
+
+
 def sample(config: ml_collections.ConfigDict, vqvae_workdir: str,
            workdir: str) -> str:
-  """Samples code grids from the trained prior and decodes them to a PNG.
+  """Draws images from the trained prior and saves them as a PNG grid.
 
-  The model is rebuilt from workdir's saved config; from config only the
+  The prior is rebuilt from workdir's saved config; of config only the
   sampling fields (num_samples, temperature, sample_label, sample_seed) are
   used.
 
@@ -319,31 +355,17 @@ def sample(config: ml_collections.ConfigDict, vqvae_workdir: str,
     workdir: the prior's workdir.
 
   Returns:
-    Path of the PNG written in workdir.
-
-  Raises:
-    ValueError: if sample_label is set for an unconditional prior or is not a
-      class.
+    Path of the PNG written in workdir: prior_samples.png, or
+    prior_samples_class<label>.png for one class.
   """
   vqvae_config, vqvae = train.restore_model(vqvae_workdir)
-  saved_config, model = restore_prior(workdir, vqvae_config.num_embeddings)
-  label = config.sample_label
-  name = "prior_samples"
-  if label >= CIFAR10_NUM_CLASSES or (
-      label >= 0 and not saved_config.class_conditional):
-    raise ValueError(f"sample_label {label} is not a class of this prior.")
-  if not saved_config.class_conditional:
-    labels = None
-  elif label < 0:
-    labels = np.arange(config.num_samples) % CIFAR10_NUM_CLASSES
-  else:
-    labels, name = label, f"prior_samples_class{label}"
-  # The grid size is what the encoder makes of one image.
-  height, width = vqvae.encode(tf.zeros([1, 32, 32, 3])).shape[1:]
-  codes = model.sample(config.num_samples, height, width, labels=labels,
-                       temperature=config.temperature, seed=config.sample_seed)
-  images = vqvae.decode(codes).numpy()
-  path = os.path.join(workdir, f"{name}.png")
+  _, model = restore_prior(workdir, vqvae_config.num_embeddings)
+  images = sample_images(model, vqvae, num_samples=config.num_samples,
+                         label=config.sample_label,
+                         temperature=config.temperature,
+                         seed=config.sample_seed)
+  suffix = f"_class{config.sample_label}" if config.sample_label >= 0 else ""
+  path = os.path.join(workdir, f"prior_samples{suffix}.png")
   save_image_grid(images, path,
                   f"PixelCNN prior samples, temperature {config.temperature}")
   logging.info("Wrote %s.", path)

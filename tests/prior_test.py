@@ -39,13 +39,17 @@ def _constant_grids(num, seed):
   return {"codes": np.ascontiguousarray(codes), "labels": labels}
 
 
+def _tiny_vqvae():
+  config = vqvae_default.get_config()
+  config.update(num_hiddens=8, num_residual_hiddens=4, embedding_dim=4,
+                num_embeddings=_K)
+  return networks.build_model(config, data_variance=0.06)
+
+
 class EncodeSplitTest(absltest.TestCase):
 
   def test_codes_and_labels_of_every_image(self):
-    vqvae_config = vqvae_default.get_config()
-    vqvae_config.update(num_hiddens=8, num_residual_hiddens=4, embedding_dim=4,
-                        num_embeddings=_K)
-    vqvae = networks.build_model(vqvae_config, data_variance=0.06)
+    vqvae = _tiny_vqvae()
     with tfds.testing.mock_data(num_examples=5):
       data = prior.encode_split(vqvae, "test", batch_size=2,
                                 dataset="cifar10", data_dir=None,
@@ -121,6 +125,35 @@ class TrainOnCodesTest(parameterized.TestCase):
   def test_restore_without_checkpoint_raises(self):
     with self.assertRaises(FileNotFoundError):
       prior.restore_prior(self.enter_context(tempfile.TemporaryDirectory()), _K)
+
+
+class SampleImagesTest(parameterized.TestCase):
+
+  @parameterized.parameters((True, -1), (True, 3), (False, -1))
+  def test_images(self, class_conditional, label):
+    model = prior.build_prior(_tiny_config(class_conditional=class_conditional),
+                              _K)
+    images = prior.sample_images(model, _tiny_vqvae(), num_samples=3,
+                                 label=label, temperature=1.0, seed=0)
+    self.assertEqual(images.shape, (3, 32, 32, 3))
+    self.assertEqual(images.dtype, np.float32)
+
+  def test_negative_label_cycles_through_the_classes(self):
+    model = prior.build_prior(_tiny_config(), _K)
+    vqvae = _tiny_vqvae()
+    images = prior.sample_images(model, vqvae, num_samples=12, label=-1,
+                                 temperature=1.0, seed=0)
+    labels = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    expected = vqvae.decode(model.sample(12, 8, 8, labels=labels, seed=0))
+    np.testing.assert_array_equal(images, expected.numpy())
+
+  @parameterized.parameters((True, 10), (False, 0))
+  def test_label_not_a_class_raises(self, class_conditional, label):
+    model = prior.build_prior(_tiny_config(class_conditional=class_conditional),
+                              _K)
+    with self.assertRaises(ValueError):
+      prior.sample_images(model, _tiny_vqvae(), num_samples=3, label=label,
+                          temperature=1.0, seed=0)
 
 
 class SaveImageGridTest(absltest.TestCase):
