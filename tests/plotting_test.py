@@ -37,8 +37,9 @@ class PlottingTest(absltest.TestCase):
     with tempfile.TemporaryDirectory() as workdir:
       paths = [os.path.join(workdir, f"{n}.png") for n in "abc"]
       plotting.plot_curves(
-          [{"step": 1, "recon_error": 1.0, "perplexity": 2.0},
-           {"step": 2, "recon_error": 0.5, "perplexity": 3.0}], paths[0])
+          [{"step": 1, "recon_error": 1.0, "perplexity": 2.0, "codes_used": 2},
+           {"step": 2, "recon_error": 0.5, "perplexity": 3.0, "codes_used": 3}],
+          paths[0])
       images = np.zeros([32, 32, 32, 3])
       plotting.plot_reconstructions(images, images, paths[1])
       plotting.plot_codebook(np.eye(4), np.array([3, 0, 1, 0]), paths[2])

@@ -1,0 +1,290 @@
+"""Gated PixelCNN over grids of VQ-VAE code indices.
+
+The autoregressive prior of van den Oord et al. (2016), "Conditional Image
+Generation with PixelCNN Decoders": a vertical stack that sees every row above
+the current position and a horizontal stack that sees the current row to its
+left, joined so that the receptive field has no blind spot. Positions are
+ordered in raster order (row by row, left to right).
+"""
+
+from typing import Optional, Sequence, Tuple
+
+import sonnet as snt
+import tensorflow as tf
+
+
+def _conv(inputs: tf.Tensor, kernel: tf.Variable | tf.Tensor,
+          bias: tf.Variable) -> tf.Tensor:
+  return tf.nn.conv2d(inputs, kernel, strides=1, padding="VALID") + bias
+
+
+def _gate(inputs: tf.Tensor) -> tf.Tensor:
+  """Gated activation tanh(a) * sigmoid(b) over the two channel halves."""
+  a, b = tf.split(inputs, 2, axis=-1)
+  return tf.tanh(a) * tf.sigmoid(b)
+
+
+class _Params(snt.Module):
+  """Creates kernels and biases eagerly, so sampling loops never create them."""
+
+  def __init__(self, name: Optional[str] = None):
+    super().__init__(name=name)
+    self._w_init = snt.initializers.VarianceScaling(1.0, "fan_avg", "uniform")
+
+  def _conv_params(self, shape: Sequence[int],
+                   name: str) -> Tuple[tf.Variable, tf.Variable]:
+    kernel = tf.Variable(self._w_init(shape, tf.float32), name=f"{name}_kernel")
+    bias = tf.Variable(tf.zeros([shape[-1]]), name=f"{name}_bias")
+    return kernel, bias
+
+
+def _check_positive(**values: int):
+  for key, value in values.items():
+    if value < 1:
+      raise ValueError(f"{key} must be >= 1, got {value}.")
+
+
+class GatedLayer(_Params):
+  """One gated layer with a vertical and a horizontal stack.
+
+  The vertical input at row i must already depend only on rows above i (the
+  PixelCNN shifts it down once before the first layer); this layer's vertical
+  convolution looks at rows i - kernel_size // 2 .. i of it, so it keeps that
+  property. The horizontal convolution looks at columns j - kernel_size // 2
+  .. j of the current row; mask type 'A' also drops column j, which the first
+  layer needs because its horizontal input is the current code itself.
+  """
+
+  def __init__(self,
+               hidden_channels: int,
+               kernel_size: int,
+               mask_type: str,
+               num_classes: Optional[int] = None,
+               name: Optional[str] = None):
+    """Constructs the layer.
+
+    Args:
+      hidden_channels: channels C of both stacks.
+      kernel_size: odd width of the vertical kernel; the vertical kernel spans
+        kernel_size // 2 + 1 rows, the horizontal one kernel_size // 2 + 1
+        columns.
+      mask_type: 'A' (first layer: excludes the current position and has no
+        residual connection) or 'B' (later layers).
+      num_classes: if set, a learned per-class bias is added to the gates of
+        both stacks.
+      name: module name.
+
+    Raises:
+      ValueError: on non-positive sizes, an even kernel_size or an unknown
+        mask_type.
+    """
+    super().__init__(name=name)
+    _check_positive(hidden_channels=hidden_channels, kernel_size=kernel_size)
+    if kernel_size % 2 != 1:
+      raise ValueError(f"kernel_size must be odd, got {kernel_size}.")
+    if mask_type not in ("A", "B"):
+      raise ValueError(f"mask_type must be 'A' or 'B', got {mask_type!r}.")
+    if num_classes is not None:
+      _check_positive(num_classes=num_classes)
+    c = hidden_channels
+    self._half = kernel_size // 2
+    self._mask_type = mask_type
+    self._num_classes = num_classes
+    with self.name_scope:
+      self.vertical = self._conv_params([self._half + 1, kernel_size, c, 2 * c],
+                                        "vertical")
+      self.horizontal = self._conv_params([1, self._half + 1, c, 2 * c],
+                                          "horizontal")
+      self.vertical_to_horizontal = self._conv_params([1, 1, 2 * c, 2 * c],
+                                                      "vertical_to_horizontal")
+      self.horizontal_out = self._conv_params([1, 1, c, c], "horizontal_out")
+      if num_classes is not None:
+        class_init = snt.initializers.TruncatedNormal(stddev=1.0 / (2 * c)**0.5)
+        self.vertical_class_bias = tf.Variable(
+            class_init([num_classes, 2 * c], tf.float32),
+            name="vertical_class_bias")
+        self.horizontal_class_bias = tf.Variable(
+            class_init([num_classes, 2 * c], tf.float32),
+            name="horizontal_class_bias")
+    mask = [1.0] * self._half + [0.0 if mask_type == "A" else 1.0]
+    self._horizontal_mask = tf.reshape(tf.constant(mask), [1, -1, 1, 1])
+
+  def __call__(
+      self,
+      vertical: tf.Tensor,
+      horizontal: tf.Tensor,
+      labels: Optional[tf.Tensor] = None) -> Tuple[tf.Tensor, tf.Tensor]:
+    """Applies the layer.
+
+    Args:
+      vertical: [B, H, W, C] vertical stack features (rows above only).
+      horizontal: [B, H, W, C] horizontal stack features.
+      labels: [B] int class labels; required iff num_classes was set.
+
+    Returns:
+      (vertical, horizontal): the two [B, H, W, C] outputs.
+    """
+    h = self._half
+    padded = tf.pad(vertical, [[0, 0], [h, 0], [h, h], [0, 0]])
+    vertical_pre = _conv(padded, *self.vertical)
+    kernel, bias = self.horizontal
+    padded = tf.pad(horizontal, [[0, 0], [0, 0], [h, 0], [0, 0]])
+    horizontal_pre = _conv(padded, kernel * self._horizontal_mask, bias)
+    if self._num_classes is not None:
+      vertical_pre += tf.gather(self.vertical_class_bias, labels)[:, None, None]
+      horizontal_pre += tf.gather(self.horizontal_class_bias,
+                                  labels)[:, None, None]
+    horizontal_pre += _conv(vertical_pre, *self.vertical_to_horizontal)
+    out = _conv(_gate(horizontal_pre), *self.horizontal_out)
+    # The type-A input holds the current code, so a residual would leak it.
+    if self._mask_type == "B":
+      out += horizontal
+    return _gate(vertical_pre), out
+
+
+class GatedPixelCNN(_Params):
+  """Gated PixelCNN giving logits of each code given the codes before it.
+
+  logits[b, i, j] depends only on indices[b, i', j'] with (i', j') before
+  (i, j) in raster order, and, once num_layers * (kernel_size // 2) reaches
+  W - 1 and H - 1, on all of them.
+  """
+
+  def __init__(self,
+               num_embeddings: int,
+               hidden_channels: int,
+               num_layers: int,
+               kernel_size: int,
+               num_classes: Optional[int] = None,
+               name: Optional[str] = "gated_pixel_cnn"):
+    """Constructs the model; all variables are created here.
+
+    Args:
+      num_embeddings: K, the number of codes (the VQ-VAE codebook size).
+      hidden_channels: channels C of the code embedding and both stacks.
+      num_layers: number of gated layers (the first has mask type 'A').
+      kernel_size: odd kernel width of the gated layers.
+      num_classes: if set, the model is class conditional and every call needs
+        labels in [0, num_classes).
+      name: module name.
+
+    Raises:
+      ValueError: on non-positive sizes or an even kernel_size.
+    """
+    super().__init__(name=name)
+    _check_positive(num_embeddings=num_embeddings,
+                    hidden_channels=hidden_channels, num_layers=num_layers)
+    self._num_embeddings = num_embeddings
+    self._num_classes = num_classes
+    with self.name_scope:
+      self.embeddings = tf.Variable(
+          snt.initializers.TruncatedNormal()([num_embeddings, hidden_channels],
+                                             tf.float32),
+          name="embeddings")
+      self.layers = [
+          GatedLayer(hidden_channels, kernel_size, "A" if i == 0 else "B",
+                     num_classes, name=f"gated_layer_{i}")
+          for i in range(num_layers)
+      ]
+      self.head_hidden = self._conv_params(
+          [1, 1, hidden_channels, hidden_channels], "head_hidden")
+      self.head_logits = self._conv_params(
+          [1, 1, hidden_channels, num_embeddings], "head_logits")
+
+  @property
+  def num_embeddings(self) -> int:
+    return self._num_embeddings
+
+  @property
+  def num_classes(self) -> Optional[int]:
+    return self._num_classes
+
+  def _check_labels(self, labels):
+    if (labels is None) != (self._num_classes is None):
+      raise ValueError(
+          "labels must be given iff the model is class conditional "
+          f"(num_classes={self._num_classes}).")
+
+  def __call__(self,
+               indices: tf.Tensor,
+               labels: Optional[tf.Tensor] = None) -> tf.Tensor:
+    """Computes next-code logits.
+
+    Args:
+      indices: [B, H, W] int code indices in [0, num_embeddings).
+      labels: [B] int class labels; required iff num_classes was set.
+
+    Returns:
+      [B, H, W, num_embeddings] float32 logits of each code given the codes
+      before it in raster order (and the label).
+
+    Raises:
+      ValueError: if labels are given to an unconditional model or missing for
+        a conditional one.
+    """
+    self._check_labels(labels)
+    x = tf.gather(self.embeddings, indices)
+    # Shifting the vertical input down one row once makes every vertical
+    # feature at row i depend only on rows above i, in every layer.
+    vertical = tf.pad(x[:, :-1], [[0, 0], [1, 0], [0, 0], [0, 0]])
+    horizontal = x
+    for layer in self.layers:
+      vertical, horizontal = layer(vertical, horizontal, labels)
+    hidden = tf.nn.relu(_conv(tf.nn.relu(horizontal), *self.head_hidden))
+    return _conv(hidden, *self.head_logits)
+
+  def sample(self,
+             num_samples: int,
+             height: int,
+             width: int,
+             *,
+             labels: Optional[tf.Tensor] = None,
+             temperature: float = 1.0,
+             seed: int = 0) -> tf.Tensor:
+    """Draws code grids autoregressively, one position at a time.
+
+    Compiled with tf.function: height * width forward passes in one graph.
+    Sampling is stateless, so the same seed gives the same grids.
+
+    Args:
+      num_samples: B, grids to draw.
+      height: H.
+      width: W.
+      labels: [B] (or scalar, broadcast) int class labels; required iff the
+        model is class conditional.
+      temperature: logits are divided by it; > 0, lower is greedier.
+      seed: integer seed.
+
+    Returns:
+      [B, H, W] int32 code indices in [0, num_embeddings).
+
+    Raises:
+      ValueError: on bad labels (see __call__), sizes or temperature.
+    """
+    _check_positive(num_samples=num_samples, height=height, width=width)
+    if temperature <= 0:
+      raise ValueError(f"temperature must be > 0, got {temperature}.")
+    self._check_labels(labels)
+    if labels is not None:
+      labels = tf.broadcast_to(tf.cast(labels, tf.int32), [num_samples])
+    return self._sample(num_samples, height, width, labels,
+                        tf.constant(temperature, tf.float32),
+                        tf.constant([seed, 0], tf.int64))
+
+  @tf.function
+  def _sample(self, num_samples, height, width, labels, temperature, seed):
+    positions = tf.reshape(tf.range(height * width), [height, width])
+
+    def body(position, codes):
+      logits = tf.reshape(self(codes, labels), [num_samples, height * width, -1])
+      draw = tf.random.stateless_categorical(
+          logits[:, position] / temperature, 1,
+          seed=tf.random.experimental.stateless_fold_in(seed, position),
+          dtype=tf.int32)
+      return position + 1, tf.where(positions == position, draw[:, :, None],
+                                    codes)
+
+    codes = tf.zeros([num_samples, height, width], tf.int32)
+    _, codes = tf.while_loop(lambda position, _: position < height * width,
+                             body, (0, codes))
+    return codes

@@ -1,0 +1,169 @@
+"""Tests for sonnet_vqvae.prior."""
+
+import json
+import math
+import os
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from sonnet_vqvae import input_pipeline
+from sonnet_vqvae import networks
+from sonnet_vqvae import prior
+from sonnet_vqvae.configs import default as vqvae_default
+from sonnet_vqvae.configs import prior as prior_config
+
+_K = 8
+
+
+def _tiny_config(**overrides):
+  config = prior_config.get_config()
+  config.update(hidden_channels=8, num_layers=2, batch_size=8,
+                learning_rate=1e-2, num_steps=40, log_every=10,
+                checkpoint_every=20, eval_batch_size=16)
+  config.update(overrides)
+  return config
+
+
+def _constant_grids(num, seed):
+  """Grids repeating one code: only the first code of a grid is uncertain."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, prior.CIFAR10_NUM_CLASSES, num).astype(np.int32)
+  # The code is the label (mod K), so a class-conditional prior can also get
+  # the first code right.
+  codes = np.broadcast_to((labels % _K)[:, None, None], [num, 3, 3])
+  return {"codes": np.ascontiguousarray(codes), "labels": labels}
+
+
+def _tiny_vqvae():
+  config = vqvae_default.get_config()
+  config.update(num_hiddens=8, num_residual_hiddens=4, embedding_dim=4,
+                num_embeddings=_K)
+  return networks.build_model(config, data_variance=0.06)
+
+
+class EncodeSplitTest(absltest.TestCase):
+
+  def test_codes_and_labels_of_every_image(self):
+    vqvae = _tiny_vqvae()
+    with tfds.testing.mock_data(num_examples=5):
+      data = prior.encode_split(vqvae, "test", batch_size=2,
+                                dataset="cifar10", data_dir=None,
+                                download=True)
+      examples = next(iter(input_pipeline.load_split("test").batch(5)))
+    np.testing.assert_array_equal(data["codes"],
+                                  vqvae.encode(examples["image"]).numpy())
+    np.testing.assert_array_equal(data["labels"], examples["label"].numpy())
+    self.assertEqual(data["codes"].dtype, np.int32)
+    self.assertEqual(data["codes"].shape, (5, 8, 8))
+
+
+class EvaluateTest(parameterized.TestCase):
+
+  def test_matches_numpy_log_softmax(self):
+    tf.random.set_seed(0)
+    model = prior.build_prior(_tiny_config(), _K)
+    data = _constant_grids(5, seed=0)
+    data["codes"] = np.random.default_rng(1).integers(
+        0, _K, [5, 3, 3]).astype(np.int32)
+    metrics = prior.evaluate(model, data, batch_size=2)
+    logits = model(data["codes"], data["labels"]).numpy().astype(np.float64)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = -np.take_along_axis(log_probs, data["codes"][..., None],
+                                   -1).mean()
+    self.assertAlmostEqual(metrics["nll_nats_per_code"], expected, places=5)
+    self.assertAlmostEqual(metrics["bits_per_dim"],
+                           expected * 9 / 3072 / math.log(2), places=7)
+
+  def test_flat_logits_cost_the_uniform_baseline(self):
+    model = prior.build_prior(_tiny_config(class_conditional=False), _K)
+    for variable in model.head_logits:
+      variable.assign(tf.zeros_like(variable))
+    metrics = prior.evaluate(model, _constant_grids(4, seed=0), batch_size=3)
+    self.assertAlmostEqual(metrics["uniform_nats_per_code"], math.log(_K))
+    self.assertAlmostEqual(metrics["nll_nats_per_code"], math.log(_K),
+                           places=5)
+    self.assertAlmostEqual(metrics["bits_per_dim"],
+                           metrics["uniform_bits_per_dim"], places=7)
+
+
+class TrainOnCodesTest(parameterized.TestCase):
+
+  @parameterized.parameters(True, False)
+  def test_learns_repeated_codes(self, class_conditional):
+    workdir = self.enter_context(tempfile.TemporaryDirectory())
+    config = _tiny_config(class_conditional=class_conditional,
+                          num_steps=100)
+    metrics = prior.train_on_codes(config, _constant_grids(64, seed=0),
+                                   _constant_grids(32, seed=1), _K, workdir)
+    # Uniform costs log 8 = 2.08 nats per code. Knowing that the grid repeats
+    # its first code leaves about log(8) / 9 = 0.23 unconditionally.
+    self.assertLess(metrics["nll_nats_per_code"], 0.35 * math.log(_K))
+    with open(os.path.join(workdir, prior.METRICS_FILE)) as f:
+      self.assertEqual(json.load(f), metrics)
+    self.assertEqual(metrics["step"], 100)
+
+  def test_resumed_run_equals_uninterrupted_run(self):
+    train, test = _constant_grids(64, seed=0), _constant_grids(8, seed=1)
+    once = self.enter_context(tempfile.TemporaryDirectory())
+    prior.train_on_codes(_tiny_config(), train, test, _K, once)
+    resumed = self.enter_context(tempfile.TemporaryDirectory())
+    prior.train_on_codes(_tiny_config(num_steps=20), train, test, _K,
+                         resumed)
+    metrics = prior.train_on_codes(_tiny_config(), train, test, _K, resumed)
+    self.assertEqual(metrics["step"], 40)
+    _, model_once = prior.restore_prior(once, _K)
+    _, model_resumed = prior.restore_prior(resumed, _K)
+    for a, b in zip(model_once.trainable_variables,
+                    model_resumed.trainable_variables):
+      np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+  def test_restore_without_checkpoint_raises(self):
+    with self.assertRaises(FileNotFoundError):
+      prior.restore_prior(self.enter_context(tempfile.TemporaryDirectory()), _K)
+
+
+class SampleImagesTest(parameterized.TestCase):
+
+  @parameterized.parameters((True, -1), (True, 3), (False, -1))
+  def test_images(self, class_conditional, label):
+    model = prior.build_prior(_tiny_config(class_conditional=class_conditional),
+                              _K)
+    images = prior.sample_images(model, _tiny_vqvae(), num_samples=3,
+                                 label=label, temperature=1.0, seed=0)
+    self.assertEqual(images.shape, (3, 32, 32, 3))
+    self.assertEqual(images.dtype, np.float32)
+
+  def test_negative_label_cycles_through_the_classes(self):
+    model = prior.build_prior(_tiny_config(), _K)
+    vqvae = _tiny_vqvae()
+    images = prior.sample_images(model, vqvae, num_samples=12, label=-1,
+                                 temperature=1.0, seed=0)
+    labels = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    expected = vqvae.decode(model.sample(12, 8, 8, labels=labels, seed=0))
+    np.testing.assert_array_equal(images, expected.numpy())
+
+  @parameterized.parameters((True, 10), (False, 0))
+  def test_label_not_a_class_raises(self, class_conditional, label):
+    model = prior.build_prior(_tiny_config(class_conditional=class_conditional),
+                              _K)
+    with self.assertRaises(ValueError):
+      prior.sample_images(model, _tiny_vqvae(), num_samples=3, label=label,
+                          temperature=1.0, seed=0)
+
+
+class SaveImageGridTest(absltest.TestCase):
+
+  def test_writes_png(self):
+    path = os.path.join(self.enter_context(tempfile.TemporaryDirectory()), "grid.png")
+    prior.save_image_grid(np.zeros([5, 4, 4, 3]), path, "title")
+    with open(path, "rb") as f:
+      self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+
+if __name__ == "__main__":
+  absltest.main()
