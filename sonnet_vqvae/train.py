@@ -22,6 +22,7 @@ The input pipeline's position is not checkpointed; a resumed run reshuffles
 with seed + step.
 """
 
+import functools
 import json
 import math
 import os
@@ -141,8 +142,14 @@ def _check_keys(config, reference, prefix):
       _check_keys(config[key], value, prefix=f"{prefix}{key}.")
 
 
+@functools.cache
 def make_strategy(name: str) -> tf.distribute.Strategy:
   """The strategy `name` (see `STRATEGIES`); "auto" picks from the machine.
+
+  One instance per name and process: strategies number their collectives
+  independently, so a second one over the same devices would reuse the first
+  one's collective keys with other shapes. Other code in the process should
+  take its strategy from here too.
 
   auto: multi_worker when TF_CONFIG names more than one task, tpu when a TPU
   is configured (TPU_NAME / COLAB_TPU_ADDR), replicator over several GPUs, the
