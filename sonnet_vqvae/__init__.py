@@ -9,4 +9,9 @@ __version__ = "0.1.0"
 
 from sonnet_vqvae.quantizers import VectorQuantizer
 from sonnet_vqvae.quantizers import VectorQuantizerEMA
+from sonnet_vqvae.networks import Decoder
+from sonnet_vqvae.networks import Encoder
+from sonnet_vqvae.networks import ResidualStack
+from sonnet_vqvae.networks import VQVAEModel
+from sonnet_vqvae.networks import build_model
 from sonnet_vqvae.pixelcnn import GatedPixelCNN

@@ -1,0 +1,156 @@
+"""Tests for sonnet_vqvae.train (tiny configs, tfds mock data)."""
+
+import json
+import os
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+import pytest
+import sonnet as snt
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from sonnet_vqvae import train
+from sonnet_vqvae.configs import default
+
+
+def tiny_config(**overrides):
+  config = default.get_config()
+  config.num_hiddens = 16
+  config.num_residual_hiddens = 8
+  config.embedding_dim = 8
+  config.num_embeddings = 16
+  config.batch_size = 4
+  config.num_steps = 4
+  config.log_every = 2
+  config.checkpoint_every = 2
+  config.eval_batch_size = 8
+  config.update(overrides)
+  return config
+
+
+def _train(config, workdir):
+  with tfds.testing.mock_data(num_examples=16):
+    return train.train_and_evaluate(config, workdir)
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+class AdamTest(absltest.TestCase):
+
+  def test_matches_sonnet_adam(self):
+    ours = [tf.Variable([1.0, -2.0]), tf.Variable([[0.5]])]
+    stock = [tf.Variable(v) for v in ours]
+    adam = train.Adam(0.1)
+    adam.build(ours)
+    stock_adam = snt.optimizers.Adam(0.1)
+    for i in range(3):
+      grads = [tf.constant([0.3, -1.0]) * i, tf.constant([[2.0]]) + i]
+      adam.apply(grads, ours)
+      stock_adam.apply(grads, stock)
+    for a, b in zip(ours, stock):
+      np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5)
+
+
+class TrainTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.workdir = tempfile.mkdtemp()
+
+  @pytest.mark.slow
+  def test_train_resume_evaluate_restore(self):
+    metrics = _train(tiny_config(), self.workdir)
+    self.assertEqual(set(metrics),
+                     {"nmse", "mse", "psnr", "perplexity", "codes_used"})
+    for name in ("eval.json", "curves.png", "reconstructions.png",
+                 "codebook.png", "run.json"):
+      self.assertTrue(os.path.exists(os.path.join(self.workdir, name)), name)
+    self.assertEqual([r["step"] for r in _rows(self.workdir)], [2, 4])
+    self.assertEqual(tf.train.latest_checkpoint(
+        os.path.join(self.workdir, "checkpoints")).split("-")[-1], "4")
+
+    # Same command with more steps resumes at 4 instead of starting afresh.
+    _train(tiny_config(num_steps=6), self.workdir)
+    self.assertEqual([r["step"] for r in _rows(self.workdir)], [2, 4, 6])
+
+    config, model = train.restore_model(self.workdir)
+    self.assertEqual(config.num_steps, 6)
+    with tfds.testing.mock_data(num_examples=16):
+      again = train.evaluate_and_plot(config, model, self.workdir)
+    with open(os.path.join(self.workdir, "eval.json")) as f:
+      self.assertEqual(json.load(f), again)
+
+  @pytest.mark.slow
+  def test_two_replicas_match_one(self):
+    self.assertLen(tf.config.list_logical_devices("CPU"), 2)
+    one, two = self.workdir, tempfile.mkdtemp()
+    _train(tiny_config(num_steps=2, strategy="default"), one)
+    _train(tiny_config(num_steps=2, strategy="replicator"), two)
+    model_one = train.restore_model(one)[1]
+    model_two = train.restore_model(two)[1]
+    self.assertLen(model_one.variables, len(model_two.variables))
+    for a, b in zip(model_one.variables, model_two.variables):
+      np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4,
+                                 err_msg=a.name)
+
+  @parameterized.named_parameters(
+      ("negative_steps", dict(num_steps=-1), "num_steps"),
+      ("indivisible_batch", dict(batch_size=3, strategy="replicator"),
+       "not divisible"),
+      ("unknown_strategy", dict(strategy="gpu"), "strategy"),
+      ("bad_decay", dict(decay=1.0), "decay"))
+  def test_bad_config(self, overrides, message):
+    with self.assertRaisesRegex(ValueError, message):
+      _train(tiny_config(**overrides), self.workdir)
+    self.assertEmpty(os.listdir(self.workdir))
+
+  def test_unknown_key(self):
+    config = tiny_config()
+    config.quantizer.unlock()
+    config.quantizer.dead_code_treshold = 1.0
+    with self.assertRaisesRegex(ValueError, "quantizer.dead_code_treshold"):
+      _train(config, self.workdir)
+
+  @pytest.mark.slow
+  def test_corrupt_checkpoint_is_error_and_kept(self):
+    _train(tiny_config(num_steps=2), self.workdir)
+    checkpoints = os.path.join(self.workdir, "checkpoints")
+    data = [os.path.join(checkpoints, f) for f in os.listdir(checkpoints)
+            if ".data-" in f][0]
+    with open(data, "r+b") as f:
+      f.truncate(10)
+    before = {f: open(os.path.join(checkpoints, f), "rb").read()
+              for f in os.listdir(checkpoints)}
+    with self.assertRaisesRegex(RuntimeError, "Cannot restore checkpoint"):
+      _train(tiny_config(num_steps=4), self.workdir)
+    after = {f: open(os.path.join(checkpoints, f), "rb").read()
+             for f in os.listdir(checkpoints)}
+    self.assertEqual(before, after)
+
+  @pytest.mark.slow
+  def test_incompatible_checkpoint_is_error(self):
+    _train(tiny_config(num_steps=2), self.workdir)
+    with self.assertRaisesRegex(RuntimeError, "different model"):
+      _train(tiny_config(num_steps=4, num_hiddens=32), self.workdir)
+
+  @pytest.mark.slow
+  def test_non_finite_loss_stops_and_keeps_checkpoint(self):
+    _train(tiny_config(num_steps=2), self.workdir)
+    with self.assertRaisesRegex(FloatingPointError, "last good checkpoint"):
+      _train(tiny_config(num_steps=6, learning_rate=1e38), self.workdir)
+    self.assertEqual(tf.train.latest_checkpoint(
+        os.path.join(self.workdir, "checkpoints")).split("-")[-1], "2")
+
+  def test_restore_model_without_run(self):
+    with self.assertRaisesRegex(FileNotFoundError, "No trained run"):
+      train.restore_model(self.workdir)
+
+
+if __name__ == "__main__":
+  absltest.main()
