@@ -27,7 +27,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -184,9 +184,9 @@ def _is_chief(strategy: tf.distribute.Strategy) -> bool:
       "chief" not in resolver.cluster_spec().as_dict())
 
 
-def _build(config: config_dict.ConfigDict, data_variance: float,
-           strategy: tf.distribute.Strategy
-           ) -> Tuple[networks.VQVAEModel, Adam]:
+def create_model_and_optimizer(
+    config: config_dict.ConfigDict, data_variance: float,
+    strategy: tf.distribute.Strategy) -> Tuple[networks.VQVAEModel, Adam]:
   """Model and optimizer with all variables created, under `strategy`."""
   tf.random.set_seed(config.seed)
   with strategy.scope(), tf.variable_creator_scope(_first_replica_aggregation):
@@ -199,7 +199,7 @@ def _build(config: config_dict.ConfigDict, data_variance: float,
   return model, optimizer
 
 
-def _make_train_step(model: networks.VQVAEModel, optimizer: Adam,
+def make_train_step(model: networks.VQVAEModel, optimizer: Adam,
                      strategy: tf.distribute.Strategy, jit_compile: bool):
   """Returns step(iterator) -> dict of scalar metrics (means over replicas)."""
 
@@ -307,7 +307,7 @@ def train_and_evaluate(config: config_dict.ConfigDict,
   previous = _load_run(workdir)
   data_variance = (previous[1] if previous else
                    input_pipeline.data_variance(train_split))
-  model, optimizer = _build(config, data_variance, strategy)
+  model, optimizer = create_model_and_optimizer(config, data_variance, strategy)
   checkpoint = tf.train.Checkpoint(
       model=model, optimizer=optimizer, step=tf.Variable(0, dtype=tf.int64))
   # Non-chief workers must take part in saving (collectives), into a scratch
@@ -329,7 +329,7 @@ def train_and_evaluate(config: config_dict.ConfigDict,
           train_split, config.batch_size, shuffle_buffer=config.shuffle_buffer,
           seed=config.seed + step, input_context=ctx))
   iterator = iter(dataset)
-  train_step = _make_train_step(model, optimizer, strategy,
+  train_step = make_train_step(model, optimizer, strategy,
                                 config.jit_compile)
   writer = (tf.summary.create_file_writer(workdir) if is_chief
             else tf.summary.create_noop_writer())
@@ -461,33 +461,35 @@ def restore_model(workdir: str) -> Tuple[config_dict.ConfigDict,
         f"No trained run in {workdir!r} ({_RUN_FILE} and {_CHECKPOINT_DIR}/ "
         "are written by `python -m sonnet_vqvae.train --workdir DIR`).")
   config, data_variance = run
-  model, optimizer = _build(config, data_variance, tf.distribute.get_strategy())
+  model, optimizer = create_model_and_optimizer(
+      config, data_variance, tf.distribute.get_strategy())
   checkpoint = tf.train.Checkpoint(
       model=model, optimizer=optimizer, step=tf.Variable(0, dtype=tf.int64))
   _restore(checkpoint, checkpoints)
   return config, model
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run.",
-                               required=True)
-_MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "evaluate"],
-    "train: train (or resume) then evaluate; evaluate: evaluate and plot the "
-    "latest checkpoint of --workdir.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "configs", "default.py"),
-    "Training configuration.", lock_config=True)
-
-
-def main(argv: Sequence[str]) -> Any:
+def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if _MODE.value == "evaluate":
-    config, model = restore_model(_WORKDIR.value)
-    evaluate_and_plot(config, model, _WORKDIR.value)
+  workdir = flags.FLAGS.workdir
+  if flags.FLAGS.mode == "evaluate":
+    config, model = restore_model(workdir)
+    evaluate_and_plot(config, model, workdir)
   else:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_and_evaluate(flags.FLAGS.config, workdir)
 
 
 if __name__ == "__main__":
+  # Defined here, not at import, so that other programs (bench/) can import
+  # this module and define their own --config.
+  flags.DEFINE_string("workdir", None, "Directory of the run.", required=True)
+  flags.DEFINE_enum(
+      "mode", "train", ["train", "evaluate"],
+      "train: train (or resume) then evaluate; evaluate: evaluate and plot "
+      "the latest checkpoint of --workdir.")
+  config_flags.DEFINE_config_file(
+      "config",
+      os.path.join(os.path.dirname(__file__), "configs", "default.py"),
+      "Training configuration.", lock_config=True)
   app.run(main)

@@ -1,0 +1,99 @@
+r"""Training images/s: our train step vs the Sonnet 2 notebook recipe.
+
+The recipe is the vqvae_example notebook's loop: stock
+`snt.nets.VectorQuantizerEMA`, `snt.optimizers.Adam`, a plain `@tf.function`
+step returning the whole model output. Ours is `train.make_train_step` (with
+and without XLA). All use the same model sizes, batch and synthetic images, and
+are timed in alternating rounds of the same process so that load from other
+processes affects them alike. Prints one JSON line per variant, then the
+ratios.
+
+    python bench/train_throughput.py [--steps=20 --rounds=3 --config.x=y]
+"""
+
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+import sonnet as snt
+import tensorflow as tf
+
+from sonnet_vqvae import networks
+from sonnet_vqvae import train
+
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per round.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds per variant.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(train.__file__), "configs",
+                           "default.py"), "Model and batch configuration.")
+
+
+def _images(batch_size):
+  images = tf.random.stateless_uniform([batch_size * 4, 32, 32, 3], [0, 1])
+  return tf.data.Dataset.from_tensor_slices(images - 0.5).batch(
+      batch_size, drop_remainder=True).repeat()
+
+
+def recipe_step(config):
+  """The notebook's model, optimizer and step; returns step(iterator)."""
+  sizes = (config.num_hiddens, config.num_residual_layers,
+           config.num_residual_hiddens)
+  model = networks.VQVAEModel(
+      networks.Encoder(*sizes), networks.Decoder(*sizes),
+      snt.nets.VectorQuantizerEMA(config.embedding_dim, config.num_embeddings,
+                                  config.commitment_cost, config.decay),
+      snt.Conv2D(config.embedding_dim, 1, name="to_vq"), data_variance=0.06)
+  optimizer = snt.optimizers.Adam(config.learning_rate)
+
+  @tf.function
+  def train_step(data):
+    with tf.GradientTape() as tape:
+      model_output = model(data, is_training=True)
+    trainable_variables = model.trainable_variables
+    grads = tape.gradient(model_output["loss"], trainable_variables)
+    optimizer.apply(grads, trainable_variables)
+    return model_output
+
+  return lambda iterator: train_step(next(iterator))
+
+
+def our_step(config, jit_compile):
+  strategy = tf.distribute.get_strategy()
+  model, optimizer = train.create_model_and_optimizer(config, 0.06, strategy)
+  return train.make_train_step(model, optimizer, strategy, jit_compile)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  variants = {"recipe": recipe_step(config),
+              "ours_jit": our_step(config, jit_compile=True),
+              "ours_nojit": our_step(config, jit_compile=False)}
+  iterator = iter(_images(config.batch_size))
+  for step in variants.values():  # Trace, compile and warm up.
+    for _ in range(3):
+      tf.nest.map_structure(lambda t: t.numpy(), step(iterator))
+  seconds = dict.fromkeys(variants, 0.)
+  for _ in range(_ROUNDS.value):
+    for name, step in variants.items():
+      start = time.perf_counter()
+      for _ in range(_STEPS.value):
+        out = step(iterator)
+      tf.nest.map_structure(lambda t: t.numpy(), out)
+      seconds[name] += time.perf_counter() - start
+  images = config.batch_size * _STEPS.value * _ROUNDS.value
+  rates = {name: images / s for name, s in seconds.items()}
+  for name, rate in rates.items():
+    print(json.dumps({"variant": name, "images_per_sec": round(rate, 1),
+                      "batch_size": config.batch_size,
+                      "steps": _STEPS.value * _ROUNDS.value}))
+  for name in ("ours_jit", "ours_nojit"):
+    print(json.dumps({"ratio": f"{name}/recipe",
+                      "value": round(rates[name] / rates["recipe"], 3)}))
+
+
+if __name__ == "__main__":
+  app.run(main)
