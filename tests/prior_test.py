@@ -3,21 +3,26 @@
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
+import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from sonnet_vqvae import input_pipeline
 from sonnet_vqvae import networks
 from sonnet_vqvae import prior
+from sonnet_vqvae import train
 from sonnet_vqvae.configs import default as vqvae_default
 from sonnet_vqvae.configs import prior as prior_config
 
 _K = 8
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _tiny_config(**overrides):
@@ -162,7 +167,40 @@ class SaveImageGridTest(absltest.TestCase):
     path = os.path.join(self.enter_context(tempfile.TemporaryDirectory()), "grid.png")
     prior.save_image_grid(np.zeros([5, 4, 4, 3]), path, "title")
     with open(path, "rb") as f:
-      self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+      self.assertEqual(f.read(8), _PNG_MAGIC)
+
+
+@pytest.mark.slow
+class EndToEndTest(absltest.TestCase):
+
+  def test_vqvae_then_prior_then_samples(self):
+    vqvae_dir = self.enter_context(tempfile.TemporaryDirectory())
+    prior_dir = self.enter_context(tempfile.TemporaryDirectory())
+    vqvae_config = vqvae_default.get_config()
+    vqvae_config.update(num_hiddens=16, num_residual_hiddens=8,
+                        embedding_dim=8, num_embeddings=_K, batch_size=4,
+                        num_steps=2, log_every=1, checkpoint_every=2,
+                        eval_batch_size=8)
+    with tfds.testing.mock_data(num_examples=16):
+      train.train_and_evaluate(vqvae_config, vqvae_dir)
+      metrics = prior.train_prior(_tiny_config(num_steps=4), vqvae_dir,
+                                  prior_dir)
+    self.assertEqual(metrics["step"], 4)
+    self.assertAlmostEqual(metrics["uniform_nats_per_code"], math.log(_K))
+    self.assertTrue(math.isfinite(metrics["bits_per_dim"]))
+
+    config = _tiny_config(num_samples=4, sample_label=2)
+    path = prior.sample(config, vqvae_dir, prior_dir)
+    self.assertEqual(path, os.path.join(prior_dir, "prior_samples_class2.png"))
+    # The command line: sampling needs no data, only the two workdirs.
+    subprocess.run(
+        [sys.executable, "-m", "sonnet_vqvae.prior", "--mode=sample",
+         f"--vqvae_workdir={vqvae_dir}", f"--workdir={prior_dir}",
+         "--config.num_samples=3"],
+        check=True, cwd=os.path.dirname(os.path.dirname(prior.__file__)))
+    for name in ("prior_samples_class2.png", "prior_samples.png"):
+      with open(os.path.join(prior_dir, name), "rb") as f:
+        self.assertEqual(f.read(8), _PNG_MAGIC)
 
 
 if __name__ == "__main__":
