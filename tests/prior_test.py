@@ -96,6 +96,17 @@ class EvaluateTest(parameterized.TestCase):
                            metrics["uniform_bits_per_dim"], places=7)
 
 
+class UnigramNllTest(absltest.TestCase):
+
+  def test_matches_hand_computation(self):
+    # Train counts of codes 0, 1, 2 are 3, 1, 0; add-one gives 4/7, 2/7, 1/7.
+    train_codes = np.array([[0, 0], [0, 1]])
+    test_codes = np.array([[2, 0]])
+    expected = -(math.log(1 / 7) + math.log(4 / 7)) / 2
+    self.assertAlmostEqual(prior.unigram_nll(train_codes, test_codes, 3),
+                           expected)
+
+
 class TrainOnCodesTest(parameterized.TestCase):
 
   @parameterized.parameters(True, False)
@@ -108,6 +119,8 @@ class TrainOnCodesTest(parameterized.TestCase):
     # Uniform costs log 8 = 2.08 nats per code. Knowing that the grid repeats
     # its first code leaves about log(8) / 9 = 0.23 unconditionally.
     self.assertLess(metrics["nll_nats_per_code"], 0.35 * math.log(_K))
+    # Codes are spread over all K, so their frequencies alone do not help.
+    self.assertGreater(metrics["unigram_nats_per_code"], 0.9 * math.log(_K))
     with open(os.path.join(workdir, prior.METRICS_FILE)) as f:
       self.assertEqual(json.load(f), metrics)
     self.assertEqual(metrics["step"], 100)
