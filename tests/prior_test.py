@@ -3,21 +3,26 @@
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
+import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from sonnet_vqvae import input_pipeline
 from sonnet_vqvae import networks
 from sonnet_vqvae import prior
+from sonnet_vqvae import train
 from sonnet_vqvae.configs import default as vqvae_default
 from sonnet_vqvae.configs import prior as prior_config
 
 _K = 8
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _tiny_config(**overrides):
@@ -91,6 +96,17 @@ class EvaluateTest(parameterized.TestCase):
                            metrics["uniform_bits_per_dim"], places=7)
 
 
+class UnigramNllTest(absltest.TestCase):
+
+  def test_matches_hand_computation(self):
+    # Train counts of codes 0, 1, 2 are 3, 1, 0; add-one gives 4/7, 2/7, 1/7.
+    train_codes = np.array([[0, 0], [0, 1]])
+    test_codes = np.array([[2, 0]])
+    expected = -(math.log(1 / 7) + math.log(4 / 7)) / 2
+    self.assertAlmostEqual(prior.unigram_nll(train_codes, test_codes, 3),
+                           expected)
+
+
 class TrainOnCodesTest(parameterized.TestCase):
 
   @parameterized.parameters(True, False)
@@ -103,6 +119,8 @@ class TrainOnCodesTest(parameterized.TestCase):
     # Uniform costs log 8 = 2.08 nats per code. Knowing that the grid repeats
     # its first code leaves about log(8) / 9 = 0.23 unconditionally.
     self.assertLess(metrics["nll_nats_per_code"], 0.35 * math.log(_K))
+    # Codes are spread over all K, so their frequencies alone do not help.
+    self.assertGreater(metrics["unigram_nats_per_code"], 0.9 * math.log(_K))
     with open(os.path.join(workdir, prior.METRICS_FILE)) as f:
       self.assertEqual(json.load(f), metrics)
     self.assertEqual(metrics["step"], 100)
@@ -162,7 +180,40 @@ class SaveImageGridTest(absltest.TestCase):
     path = os.path.join(self.enter_context(tempfile.TemporaryDirectory()), "grid.png")
     prior.save_image_grid(np.zeros([5, 4, 4, 3]), path, "title")
     with open(path, "rb") as f:
-      self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+      self.assertEqual(f.read(8), _PNG_MAGIC)
+
+
+@pytest.mark.slow
+class EndToEndTest(absltest.TestCase):
+
+  def test_vqvae_then_prior_then_samples(self):
+    vqvae_dir = self.enter_context(tempfile.TemporaryDirectory())
+    prior_dir = self.enter_context(tempfile.TemporaryDirectory())
+    vqvae_config = vqvae_default.get_config()
+    vqvae_config.update(num_hiddens=16, num_residual_hiddens=8,
+                        embedding_dim=8, num_embeddings=_K, batch_size=4,
+                        num_steps=2, log_every=1, checkpoint_every=2,
+                        eval_batch_size=8)
+    with tfds.testing.mock_data(num_examples=16):
+      train.train_and_evaluate(vqvae_config, vqvae_dir)
+      metrics = prior.train_prior(_tiny_config(num_steps=4), vqvae_dir,
+                                  prior_dir)
+    self.assertEqual(metrics["step"], 4)
+    self.assertAlmostEqual(metrics["uniform_nats_per_code"], math.log(_K))
+    self.assertTrue(math.isfinite(metrics["bits_per_dim"]))
+
+    config = _tiny_config(num_samples=4, sample_label=2)
+    path = prior.sample(config, vqvae_dir, prior_dir)
+    self.assertEqual(path, os.path.join(prior_dir, "prior_samples_class2.png"))
+    # The command line: sampling needs no data, only the two workdirs.
+    subprocess.run(
+        [sys.executable, "-m", "sonnet_vqvae.prior", "--mode=sample",
+         f"--vqvae_workdir={vqvae_dir}", f"--workdir={prior_dir}",
+         "--config.num_samples=3"],
+        check=True, cwd=os.path.dirname(os.path.dirname(prior.__file__)))
+    for name in ("prior_samples_class2.png", "prior_samples.png"):
+      with open(os.path.join(prior_dir, name), "rb") as f:
+        self.assertEqual(f.read(8), _PNG_MAGIC)
 
 
 if __name__ == "__main__":
