@@ -2,30 +2,32 @@
 
 from typing import Mapping, Sequence
 
-import matplotlib
-matplotlib.use("Agg")  # Files only; training machines often have no display.
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+# Figure objects draw without pyplot, so no display and no global backend
+# change (a notebook importing us keeps its inline plots).
+from matplotlib import figure
 import numpy as np
 
 
 def plot_curves(history: Sequence[Mapping[str, float]], path: str) -> None:
-  """Training NMSE (log scale) and perplexity against the step.
+  """Training NMSE (log scale), perplexity and codes used against the step.
 
   Args:
-    history: logged rows with keys step, recon_error and perplexity.
+    history: logged rows with keys step, recon_error, perplexity and
+      codes_used.
     path: PNG file to write.
   """
   steps = [row["step"] for row in history]
-  fig, (ax_nmse, ax_ppl) = plt.subplots(1, 2, figsize=(12, 4))
-  ax_nmse.plot(steps, [row["recon_error"] for row in history])
-  ax_nmse.set_yscale("log")
-  ax_nmse.set_title("NMSE")
-  ax_ppl.plot(steps, [row["perplexity"] for row in history])
-  ax_ppl.set_title("Average codebook usage (perplexity)")
-  for ax in (ax_nmse, ax_ppl):
+  fig = figure.Figure(figsize=(16, 4))
+  axes = fig.subplots(1, 3)
+  for ax, key, title in ((axes[0], "recon_error", "NMSE"),
+                         (axes[1], "perplexity",
+                          "Average codebook usage (perplexity)"),
+                         (axes[2], "codes_used", "Codes used per batch")):
+    ax.plot(steps, [row[key] for row in history])
+    ax.set_title(title)
     ax.set_xlabel("step")
+  axes[0].set_yscale("log")
   fig.savefig(path)
-  plt.close(fig)
 
 
 def _grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -49,15 +51,16 @@ def plot_reconstructions(originals: np.ndarray, reconstructions: np.ndarray,
     rows: grid rows.
     cols: grid columns.
   """
-  fig, axes = plt.subplots(1, 2, figsize=(16, 8))
+  fig = figure.Figure(figsize=(16, 16 * rows / cols / 2 + 0.5))
+  axes = fig.subplots(1, 2)
   for ax, images, title in ((axes[0], originals, "validation originals"),
                             (axes[1], reconstructions,
                              "validation reconstructions")):
     ax.imshow(_grid(np.asarray(images), rows, cols), interpolation="nearest")
     ax.set_title(title)
     ax.axis("off")
+  fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)
 
 
 def project_codebook(embeddings: np.ndarray) -> np.ndarray:
@@ -80,11 +83,11 @@ def plot_codebook(embeddings: np.ndarray, usage: np.ndarray,
   xy = project_codebook(embeddings)
   usage = np.asarray(usage, np.float64)
   share = usage / max(usage.sum(), 1e-12)
-  fig, ax = plt.subplots(figsize=(7, 6))
+  fig = figure.Figure(figsize=(7, 6))
+  ax = fig.subplots()
   points = ax.scatter(xy[:, 0], xy[:, 1], c=share, s=5 + 2000 * share,
                       cmap="viridis")
   fig.colorbar(points, ax=ax, label="share of test vectors")
   ax.set_title(f"Codebook (PCA), {int((usage > 0).sum())}/{len(usage)} "
                "codes used")
   fig.savefig(path)
-  plt.close(fig)

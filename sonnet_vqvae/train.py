@@ -175,13 +175,19 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
   raise ValueError(f"Unknown strategy {name!r}; expected one of {STRATEGIES}.")
 
 
-def _is_chief(strategy: tf.distribute.Strategy) -> bool:
-  resolver = getattr(strategy, "cluster_resolver", None)
-  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+def is_chief() -> bool:
+  """Whether this process writes the run's files (TF_CONFIG's chief).
+
+  The chief task if TF_CONFIG names one, else worker 0; a process without
+  TF_CONFIG is its own chief.
+  """
+  tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+  task = tf_config.get("task", {})
+  if not task:
     return True
-  return resolver.task_type in (None, "chief") or (
-      resolver.task_type == "worker" and resolver.task_id == 0 and
-      "chief" not in resolver.cluster_spec().as_dict())
+  if "chief" in tf_config.get("cluster", {}):
+    return task.get("type") == "chief"
+  return task.get("type") == "worker" and task.get("index", 0) == 0
 
 
 def create_model_and_optimizer(
@@ -273,16 +279,17 @@ def _restore(checkpoint: tf.train.Checkpoint, directory: str) -> int:
   return int(checkpoint.step.numpy())
 
 
-def train_and_evaluate(config: config_dict.ConfigDict,
-                       workdir: str) -> Dict[str, float]:
-  """Trains to `config.num_steps` (resuming in `workdir`), then evaluates.
+def train(config: config_dict.ConfigDict,
+          workdir: str) -> networks.VQVAEModel:
+  """Trains to `config.num_steps`, resuming from `workdir`'s checkpoint.
 
   Args:
     config: hyperparameters, see `configs/default.py`.
-    workdir: directory for the run's files (created if missing).
+    workdir: directory for the run's files (created if missing); only the
+      chief writes there (see `is_chief`).
 
   Returns:
-    The evaluation metrics written to `workdir/eval.json` (see `evaluate`).
+    The trained model (its variables live under the run's strategy).
 
   Raises:
     ValueError: for a config that cannot train (before any work).
@@ -296,7 +303,7 @@ def train_and_evaluate(config: config_dict.ConfigDict,
   if config.batch_size % num_replicas:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible "
                      f"by the {num_replicas} replicas.")
-  is_chief = _is_chief(strategy)
+  chief = is_chief()
   tf.io.gfile.makedirs(workdir)
 
   def load(split):
@@ -307,19 +314,20 @@ def train_and_evaluate(config: config_dict.ConfigDict,
   previous = _load_run(workdir)
   data_variance = (previous[1] if previous else
                    input_pipeline.data_variance(train_split))
-  model, optimizer = create_model_and_optimizer(config, data_variance, strategy)
+  model, optimizer = create_model_and_optimizer(config, data_variance,
+                                                strategy)
   checkpoint = tf.train.Checkpoint(
       model=model, optimizer=optimizer, step=tf.Variable(0, dtype=tf.int64))
   # Non-chief workers must take part in saving (collectives), into a scratch
   # directory of their own.
   checkpoint_dir = os.path.join(workdir, _CHECKPOINT_DIR)
-  if not is_chief:
+  if not chief:
     checkpoint_dir = os.path.join(
         workdir, f"worker_{strategy.cluster_resolver.task_id}_scratch")
   manager = tf.train.CheckpointManager(
       checkpoint, checkpoint_dir, max_to_keep=config.max_checkpoints_to_keep)
   step = _restore(checkpoint, os.path.join(workdir, _CHECKPOINT_DIR))
-  if is_chief:
+  if chief:
     _save_run(workdir, config, data_variance)
   logging.info("Training from step %d to %d on %d replica(s) (%s).", step,
                config.num_steps, num_replicas, type(strategy).__name__)
@@ -329,12 +337,11 @@ def train_and_evaluate(config: config_dict.ConfigDict,
           train_split, config.batch_size, shuffle_buffer=config.shuffle_buffer,
           seed=config.seed + step, input_context=ctx))
   iterator = iter(dataset)
-  train_step = make_train_step(model, optimizer, strategy,
-                                config.jit_compile)
-  writer = (tf.summary.create_file_writer(workdir) if is_chief
+  train_step = make_train_step(model, optimizer, strategy, config.jit_compile)
+  writer = (tf.summary.create_file_writer(workdir) if chief
             else tf.summary.create_noop_writer())
   progress = tqdm.tqdm(total=config.num_steps, initial=step,
-                       disable=not (is_chief and sys.stderr.isatty()))
+                       disable=not (chief and sys.stderr.isatty()))
   sums, count, last_good, start = {}, 0, step, time.time()
   start_step = step
   while step < config.num_steps:
@@ -353,7 +360,7 @@ def train_and_evaluate(config: config_dict.ConfigDict,
       row = {k: v / count for k, v in sums.items()}
       steps_per_sec = (step - start_step) / (time.time() - start)
       row.update(step=step, steps_per_sec=steps_per_sec)
-      _log_row(workdir, writer, row, is_chief)
+      _log_row(workdir, writer, row, chief)
       logging.info(
           "step %d/%d loss %.4f nmse %.4f perplexity %.1f codes %.0f "
           "%.2f steps/s ETA %.0fs", step, config.num_steps, row["loss"],
@@ -365,21 +372,36 @@ def train_and_evaluate(config: config_dict.ConfigDict,
       manager.save(checkpoint_number=step)
       last_good = step
   progress.close()
-  if not is_chief:
+  if not chief:
     tf.io.gfile.rmtree(checkpoint_dir)
+  return model
+
+
+def train_and_evaluate(config: config_dict.ConfigDict,
+                       workdir: str) -> Dict[str, float]:
+  """`train`, then (on the chief) `evaluate_and_plot` on the test split.
+
+  Returns:
+    The test metrics written to `workdir/eval.json`; {} on other workers.
+
+  Raises:
+    As `train`.
+  """
+  model = train(config, workdir)
+  if not is_chief():
     return {}
   return evaluate_and_plot(config, model, workdir)
 
 
 def _log_row(workdir: str, writer, row: Dict[str, float],
-             is_chief: bool) -> None:
+             chief: bool) -> None:
   with writer.as_default(step=row["step"]):
     for key, value in row.items():
       if key != "step":
         # tf.summary.scalar needs the tensorboard package; this is its op.
         tf.summary.write(f"train/{key}", tf.constant(value, tf.float32),
                          metadata=_SCALAR_METADATA)
-  if is_chief:
+  if chief:
     with tf.io.gfile.GFile(os.path.join(workdir, "metrics.jsonl"), "a") as f:
       f.write(json.dumps(row) + "\n")
 

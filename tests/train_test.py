@@ -147,6 +147,20 @@ class TrainTest(parameterized.TestCase):
     self.assertEqual(tf.train.latest_checkpoint(
         os.path.join(self.workdir, "checkpoints")).split("-")[-1], "2")
 
+  @pytest.mark.slow
+  @absltest.skipUnless(
+      os.path.isdir(os.environ.get("SONNET_VQVAE_TEST_DATA_DIR", "")),
+      "SONNET_VQVAE_TEST_DATA_DIR (prepared tfds cifar10) is not set.")
+  def test_real_subset_lowers_nmse(self):
+    config = tiny_config(
+        data_dir=os.environ["SONNET_VQVAE_TEST_DATA_DIR"], download=False,
+        batch_size=16, num_steps=150, log_every=10, checkpoint_every=150,
+        eval_batch_size=256)
+    metrics = train.train_and_evaluate(config, self.workdir)
+    start = _rows(self.workdir)[0]["recon_error"]
+    self.assertLess(metrics["nmse"], 0.5 * start)
+    self.assertGreater(metrics["codes_used"], 1)
+
   def test_restore_model_without_run(self):
     with self.assertRaisesRegex(FileNotFoundError, "No trained run"):
       train.restore_model(self.workdir)

@@ -1,0 +1,123 @@
+r"""Test-split quality after equal training steps: ours vs the notebook recipe.
+
+Both train the reference model on the real CIFAR-10 data in --data_dir for
+--steps steps with the same batches' distribution and seed; the recipe uses
+stock `snt.nets.VectorQuantizerEMA`, `snt.optimizers.Adam` and the notebook's
+loop. Prints one JSON line per run (NMSE, PSNR, perplexity, codes used on the
+test split) and the NMSE ratio ours/recipe (<= 1 is no worse).
+
+    python bench/quality.py --data_dir=../shared/data/tensorflow_datasets \
+        [--steps=2000]
+
+`run_quality` is the reusable per-run function: other benchmarks call it
+with codebook-health options, e.g. run_quality(config, data_dir, 2000,
+quantizer={"dead_code_threshold": 1.0}).
+"""
+
+import json
+import os
+import tempfile
+import time
+from typing import Dict, Mapping, Optional
+
+from absl import app
+from absl import flags
+from ml_collections import config_dict
+import sonnet as snt
+import tensorflow as tf
+
+from sonnet_vqvae import input_pipeline
+from sonnet_vqvae import networks
+from sonnet_vqvae import train
+from sonnet_vqvae.configs import default
+
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", "../shared/data/tensorflow_datasets", "Prepared tfds data.")
+_STEPS = flags.DEFINE_integer("steps", 2000, "Training steps of each run.")
+
+
+def _recipe_run(config: config_dict.ConfigDict) -> Dict[str, float]:
+  """Trains the notebook's recipe; returns `train.evaluate` test metrics."""
+  train_split = input_pipeline.load_split(
+      "train", data_dir=config.data_dir, download=False)
+  variance = input_pipeline.data_variance(train_split)
+  tf.random.set_seed(config.seed)
+  sizes = (config.num_hiddens, config.num_residual_layers,
+           config.num_residual_hiddens)
+  model = networks.VQVAEModel(
+      networks.Encoder(*sizes), networks.Decoder(*sizes),
+      snt.nets.VectorQuantizerEMA(config.embedding_dim, config.num_embeddings,
+                                  config.commitment_cost, config.decay),
+      snt.Conv2D(config.embedding_dim, 1, name="to_vq"), variance)
+  optimizer = snt.optimizers.Adam(config.learning_rate)
+
+  @tf.function
+  def train_step(data):
+    with tf.GradientTape() as tape:
+      model_output = model(data, is_training=True)
+    trainable_variables = model.trainable_variables
+    grads = tape.gradient(model_output["loss"], trainable_variables)
+    optimizer.apply(grads, trainable_variables)
+    return model_output
+
+  batches = input_pipeline.train_dataset(
+      train_split, config.batch_size, shuffle_buffer=config.shuffle_buffer,
+      seed=config.seed)
+  for images in batches.take(config.num_steps):
+    train_step(images)
+  test = input_pipeline.load_split("test", data_dir=config.data_dir,
+                                   download=False)
+  return train.evaluate(
+      model, input_pipeline.eval_dataset(test, config.eval_batch_size))[0]
+
+
+def run_quality(config: config_dict.ConfigDict,
+                data_dir: str,
+                steps: int,
+                *,
+                recipe: bool = False,
+                quantizer: Optional[Mapping[str, object]] = None
+                ) -> Dict[str, float]:
+  """Trains one model for `steps` steps and returns its test metrics.
+
+  Args:
+    config: base configuration (copied; data, steps and options are set).
+    data_dir: prepared tfds data directory.
+    steps: training steps.
+    recipe: train the notebook recipe instead of `train.train_and_evaluate`.
+    quantizer: codebook-health options for our quantizer (config.quantizer).
+
+  Returns:
+    nmse, mse, psnr, perplexity, codes_used on the test split, plus seconds.
+  """
+  config = config_dict.ConfigDict(config.to_dict())
+  config.data_dir = data_dir
+  config.download = False
+  config.num_steps = steps
+  config.checkpoint_every = steps
+  config.log_every = max(1, steps // 10)
+  config.quantizer.update(quantizer or {})
+  start = time.time()
+  if recipe:
+    metrics = _recipe_run(config)
+  else:
+    with tempfile.TemporaryDirectory() as workdir:
+      metrics = train.train_and_evaluate(config, workdir)
+  return dict(metrics, seconds=round(time.time() - start, 1))
+
+
+def main(argv):
+  del argv
+  data_dir = os.path.abspath(_DATA_DIR.value)
+  results = {}
+  for name, recipe in (("recipe", True), ("ours", False)):
+    results[name] = run_quality(default.get_config(), data_dir, _STEPS.value,
+                                recipe=recipe)
+    print(json.dumps(dict(variant=name, steps=_STEPS.value, **results[name])),
+          flush=True)
+  print(json.dumps({"ratio": "nmse ours/recipe", "value": round(
+      results["ours"]["nmse"] / results["recipe"]["nmse"], 3)}))
+
+
+if __name__ == "__main__":
+  app.run(main)

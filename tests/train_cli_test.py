@@ -1,0 +1,147 @@
+"""Process-level tests of sonnet_vqvae.train: CLI, SIGKILL + resume, workers.
+
+Each test starts fresh Python processes, which read tfds mock data.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl.testing import absltest
+import numpy as np
+import pytest
+import tensorflow as tf
+
+# Runs the real CLI (flags, config overrides) on tfds mock data.
+_CLI = """
+import runpy, sys
+import tensorflow_datasets as tfds
+sys.argv[0] = "sonnet_vqvae.train"
+with tfds.testing.mock_data(num_examples=16):
+  runpy.run_module("sonnet_vqvae.train", run_name="__main__")
+"""
+
+# One worker of a cluster: trains, then saves every model variable.
+_WORKER = """
+import sys
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+from sonnet_vqvae import train
+from sonnet_vqvae.configs import default
+config = default.get_config()
+config.update(dict(num_hiddens=8, num_residual_hiddens=4, embedding_dim=4,
+                   num_embeddings=8, batch_size=4, num_steps=3, log_every=1,
+                   checkpoint_every=3, strategy="multi_worker"))
+logging.set_verbosity(logging.INFO)
+with tfds.testing.mock_data(num_examples=16):
+  model = train.train(config, sys.argv[1])
+np.savez(sys.argv[2], *[v.numpy() for v in model.variables])
+"""
+
+_TINY = ["--config.num_hiddens=8", "--config.num_residual_hiddens=4",
+         "--config.embedding_dim=4", "--config.num_embeddings=8",
+         "--config.batch_size=4", "--config.eval_batch_size=8"]
+
+
+def _env(**extra):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **extra)
+  env["PYTHONPATH"] = os.pathsep.join(
+      [os.getcwd(), env.get("PYTHONPATH", "")])
+  return env
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _latest_step(workdir):
+  path = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+  return None if path is None else int(path.rsplit("-", 1)[1])
+
+
+@pytest.mark.slow
+class TrainCliTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.workdir = tempfile.mkdtemp()
+
+  def _cli(self, *args):
+    return [sys.executable, "-c", _CLI, f"--workdir={self.workdir}", *_TINY,
+            *args]
+
+  def test_sigkill_then_same_command_resumes_to_the_end(self):
+    command = self._cli("--config.num_steps=1000",
+                        "--config.checkpoint_every=20",
+                        "--config.log_every=100")
+    first = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    while _latest_step(self.workdir) is None and time.time() < deadline:
+      self.assertIsNone(first.poll(), "the run ended before it was killed")
+      time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    killed_at = _latest_step(self.workdir)
+    self.assertIsNotNone(killed_at)
+    self.assertLess(killed_at, 1000)
+
+    second = subprocess.run(command, env=_env(), capture_output=True,
+                            text=True, timeout=300, check=False)
+    self.assertEqual(second.returncode, 0, second.stderr[-3000:])
+    self.assertIn(f"Training from step {killed_at} to 1000", second.stderr)
+    self.assertEqual(_latest_step(self.workdir), 1000)
+    self.assertTrue(os.path.exists(os.path.join(self.workdir, "eval.json")))
+
+  def test_evaluate_mode_and_unknown_override(self):
+    train_run = subprocess.run(self._cli("--config.num_steps=2"), env=_env(),
+                               capture_output=True, text=True, timeout=120)
+    self.assertEqual(train_run.returncode, 0, train_run.stderr[-3000:])
+    os.remove(os.path.join(self.workdir, "eval.json"))
+    evaluate = subprocess.run(self._cli("--mode=evaluate"), env=_env(),
+                              capture_output=True, text=True, timeout=120)
+    self.assertEqual(evaluate.returncode, 0, evaluate.stderr[-3000:])
+    with open(os.path.join(self.workdir, "eval.json")) as f:
+      self.assertIn("nmse", json.load(f))
+
+    typo = subprocess.run(self._cli("--config.num_step=2"), env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    self.assertNotEqual(typo.returncode, 0)
+    self.assertIn("num_step", typo.stderr)
+
+  def test_two_workers_train_identical_models(self):
+    ports = [_free_port(), _free_port()]
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    outputs = [os.path.join(self.workdir, f"worker{i}.npz") for i in (0, 1)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, self.workdir, outputs[i]],
+            env=_env(TF_CONFIG=json.dumps(
+                {"cluster": cluster, "task": {"type": "worker", "index": i}})),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in (0, 1)]
+    for worker in workers:
+      log = worker.communicate(timeout=240)[0]
+      self.assertEqual(worker.returncode, 0, log[-3000:])
+      self.assertIn("on 2 replica(s)", log)
+    zero, one = np.load(outputs[0]), np.load(outputs[1])
+    self.assertLen(zero.files, len(one.files))
+    for key in zero.files:
+      np.testing.assert_array_equal(zero[key], one[key], err_msg=key)
+    self.assertEqual(_latest_step(self.workdir), 3)
+    # Only the chief (worker 0) keeps files in the workdir.
+    self.assertNotIn("worker_1_scratch", os.listdir(self.workdir))
+    with open(os.path.join(self.workdir, "metrics.jsonl")) as f:
+      self.assertLen(f.readlines(), 3)
+
+
+if __name__ == "__main__":
+  absltest.main()
