@@ -318,6 +318,8 @@ def save_image_grid(images: np.ndarray, path: str, title: str):
     ax.axis("off")
   for ax, image in zip(axes.flat, images):
     ax.imshow(np.clip(image + 0.5, 0.0, 1.0))
+  fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.92,
+                      wspace=0.05, hspace=0.05)
   fig.suptitle(title)
   fig.savefig(path, dpi=100)
 
@@ -383,8 +385,8 @@ def sample(config: ml_collections.ConfigDict, vqvae_workdir: str,
                          seed=config.sample_seed)
   suffix = f"_class{config.sample_label}" if config.sample_label >= 0 else ""
   path = os.path.join(workdir, f"prior_samples{suffix}.png")
-  save_image_grid(images, path,
-                  f"PixelCNN prior samples, temperature {config.temperature}")
+  save_image_grid(images, path, f"PixelCNN prior samples{suffix}, "
+                  f"temperature {config.temperature}")
   logging.info("Wrote %s.", path)
   return path
 
