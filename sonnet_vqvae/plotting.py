@@ -13,7 +13,7 @@ def plot_curves(history: Sequence[Mapping[str, float]], path: str) -> None:
 
   Args:
     history: logged rows with keys step, recon_error, perplexity and
-      codes_used.
+      codes_used (and codes_used_ema, when logged).
     path: PNG file to write.
   """
   steps = [row["step"] for row in history]
@@ -22,10 +22,14 @@ def plot_curves(history: Sequence[Mapping[str, float]], path: str) -> None:
   for ax, key, title in ((axes[0], "recon_error", "NMSE"),
                          (axes[1], "perplexity",
                           "Average codebook usage (perplexity)"),
-                         (axes[2], "codes_used", "Codes used per batch")):
-    ax.plot(steps, [row[key] for row in history])
+                         (axes[2], "codes_used", "Codes used")):
+    ax.plot(steps, [row[key] for row in history], label="per batch")
     ax.set_title(title)
     ax.set_xlabel("step")
+  if all("codes_used_ema" in row for row in history):
+    axes[2].plot(steps, [row["codes_used_ema"] for row in history],
+                 label="in the last ~70 steps (usage EMA)")
+    axes[2].legend()
   axes[0].set_yscale("log")
   fig.savefig(path)
 

@@ -146,12 +146,12 @@ def unigram_nll(train_codes: np.ndarray, test_codes: np.ndarray,
 
 @functools.cache
 def _replicator() -> snt.distribute.Replicator:
-  """All local GPUs (or the CPU): one strategy for the process.
+  """All local GPUs (or the CPUs), shared with `train` in this process.
 
-  Strategies number their all-reduces independently, so a second one in the
-  same process reuses the first one's collective keys with other shapes.
+  Strategies number their all-reduces independently, so a second one over the
+  same devices would reuse the first one's collective keys with other shapes.
   """
-  return snt.distribute.Replicator()
+  return train.make_strategy("replicator")
 
 
 def train_on_codes(config: ml_collections.ConfigDict,

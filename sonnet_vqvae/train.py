@@ -23,6 +23,7 @@ with seed + step.
 """
 
 import functools
+import glob
 import json
 import math
 import os
@@ -152,15 +153,16 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
   take its strategy from here too.
 
   auto: multi_worker when TF_CONFIG names more than one task, tpu when a TPU
-  is configured (TPU_NAME / COLAB_TPU_ADDR), replicator over several GPUs, the
-  default one-device strategy otherwise. "replicator" uses all local GPUs, or
-  all logical CPUs when there is no GPU.
+  is named (TPU_NAME / COLAB_TPU_ADDR) or attached to this host (Colab TPU
+  runtimes and Cloud TPU VMs), replicator over several GPUs, the default
+  one-device strategy otherwise. "replicator" uses all local GPUs, or all
+  logical CPUs when there is no GPU; "tpu" is `snt.distribute.TpuReplicator`.
   """
   if name == "auto":
     cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
     if sum(len(tasks) for tasks in cluster.values()) > 1:
       name = "multi_worker"
-    elif os.environ.get("TPU_NAME") or os.environ.get("COLAB_TPU_ADDR"):
+    elif _named_tpu() or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
       name = "tpu"
     elif len(tf.config.list_logical_devices("GPU")) > 1:
       name = "replicator"
@@ -173,13 +175,19 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
                tf.config.list_logical_devices("CPU"))
     return snt.distribute.Replicator(devices=[d.name for d in devices])
   if name == "tpu":
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+    # A TPU attached to this host has no address: the resolver calls it local.
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+        tpu=None if _named_tpu() else "local")
     tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
-    return tf.distribute.TPUStrategy(resolver)
+    return snt.distribute.TpuReplicator(resolver)
   if name == "multi_worker":
     return tf.distribute.MultiWorkerMirroredStrategy()
   raise ValueError(f"Unknown strategy {name!r}; expected one of {STRATEGIES}.")
+
+
+def _named_tpu() -> bool:
+  return bool(os.environ.get("TPU_NAME") or os.environ.get("COLAB_TPU_ADDR"))
 
 
 def is_chief() -> bool:
@@ -228,7 +236,9 @@ def make_train_step(model: networks.VQVAEModel, optimizer: Adam,
     vq = out["vq_output"]
     metrics = {"loss": out["loss"], "recon_error": out["recon_error"],
                "perplexity": vq["perplexity"],
-               "codes_used": tf.cast(vq["codes_used"], tf.float32)}
+               "codes_used": tf.cast(vq["codes_used"], tf.float32),
+               # Usage over ~70 steps: one batch's count depends on its size.
+               "codes_used_ema": tf.cast(vq["codes_used_ema"], tf.float32)}
     if context.num_replicas_in_sync > 1:
       metrics = context.all_reduce(tf.distribute.ReduceOp.MEAN, metrics)
     return metrics
@@ -370,9 +380,9 @@ def train(config: config_dict.ConfigDict,
       _log_row(workdir, writer, row, chief)
       logging.info(
           "step %d/%d loss %.4f nmse %.4f perplexity %.1f codes %.0f "
-          "%.2f steps/s ETA %.0fs", step, config.num_steps, row["loss"],
-          row["recon_error"], row["perplexity"], row["codes_used"],
-          steps_per_sec, (config.num_steps - step) / steps_per_sec)
+          "(window %.0f) %.2f steps/s ETA %.0fs", step, config.num_steps,
+          row["loss"], row["recon_error"], row["perplexity"],
+          row["codes_used"], row["codes_used_ema"], steps_per_sec, (config.num_steps - step) / steps_per_sec)
       sums, count = {}, 0
     if step % config.checkpoint_every == 0 or step == config.num_steps:
       checkpoint.step.assign(step)
