@@ -23,13 +23,13 @@ from typing import Dict, Mapping, Optional
 from absl import app
 from absl import flags
 from ml_collections import config_dict
-import sonnet as snt
 import tensorflow as tf
 
 from sonnet_vqvae import input_pipeline
-from sonnet_vqvae import networks
 from sonnet_vqvae import train
 from sonnet_vqvae.configs import default
+
+import recipe  # pylint: disable=g-bad-import-order  (bench/ sibling)
 
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", "../shared/data/tensorflow_datasets", "Prepared tfds data.")
@@ -42,24 +42,7 @@ def _recipe_run(config: config_dict.ConfigDict) -> Dict[str, float]:
       "train", data_dir=config.data_dir, download=False)
   variance = input_pipeline.data_variance(train_split)
   tf.random.set_seed(config.seed)
-  sizes = (config.num_hiddens, config.num_residual_layers,
-           config.num_residual_hiddens)
-  model = networks.VQVAEModel(
-      networks.Encoder(*sizes), networks.Decoder(*sizes),
-      snt.nets.VectorQuantizerEMA(config.embedding_dim, config.num_embeddings,
-                                  config.commitment_cost, config.decay),
-      snt.Conv2D(config.embedding_dim, 1, name="to_vq"), variance)
-  optimizer = snt.optimizers.Adam(config.learning_rate)
-
-  @tf.function
-  def train_step(data):
-    with tf.GradientTape() as tape:
-      model_output = model(data, is_training=True)
-    trainable_variables = model.trainable_variables
-    grads = tape.gradient(model_output["loss"], trainable_variables)
-    optimizer.apply(grads, trainable_variables)
-    return model_output
-
+  model, train_step = recipe.recipe_model_and_step(config, variance)
   batches = input_pipeline.train_dataset(
       train_split, config.batch_size, shuffle_buffer=config.shuffle_buffer,
       seed=config.seed)

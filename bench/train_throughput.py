@@ -18,11 +18,11 @@ import time
 from absl import app
 from absl import flags
 from ml_collections import config_flags
-import sonnet as snt
 import tensorflow as tf
 
-from sonnet_vqvae import networks
 from sonnet_vqvae import train
+
+import recipe  # pylint: disable=g-bad-import-order  (bench/ sibling)
 
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds per variant.")
@@ -39,24 +39,7 @@ def _images(batch_size):
 
 def recipe_step(config):
   """The notebook's model, optimizer and step; returns step(iterator)."""
-  sizes = (config.num_hiddens, config.num_residual_layers,
-           config.num_residual_hiddens)
-  model = networks.VQVAEModel(
-      networks.Encoder(*sizes), networks.Decoder(*sizes),
-      snt.nets.VectorQuantizerEMA(config.embedding_dim, config.num_embeddings,
-                                  config.commitment_cost, config.decay),
-      snt.Conv2D(config.embedding_dim, 1, name="to_vq"), data_variance=0.06)
-  optimizer = snt.optimizers.Adam(config.learning_rate)
-
-  @tf.function
-  def train_step(data):
-    with tf.GradientTape() as tape:
-      model_output = model(data, is_training=True)
-    trainable_variables = model.trainable_variables
-    grads = tape.gradient(model_output["loss"], trainable_variables)
-    optimizer.apply(grads, trainable_variables)
-    return model_output
-
+  _, train_step = recipe.recipe_model_and_step(config, data_variance=0.06)
   return lambda iterator: train_step(next(iterator))
 
 
