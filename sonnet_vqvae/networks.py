@@ -14,6 +14,12 @@ from sonnet_vqvae import quantizers
 
 Quantizer = Union[quantizers.VectorQuantizer, quantizers.VectorQuantizerEMA]
 
+# Inside snt.mixed_precision.scope(tf.bfloat16) the encoder's and decoder's
+# convolutions compute in bfloat16 on float32 variables (cast on read) and
+# return float32, so the quantizer and the losses stay in float32. The first
+# call in the scope creates the variables in float32.
+_mixed_precision = snt.mixed_precision.modes([tf.float32, tf.bfloat16])
+
 
 class ResidualStack(snt.Module):
   """Residual blocks relu -> 3x3 conv -> relu -> 1x1 conv, then a final relu."""
@@ -70,6 +76,7 @@ class Encoder(snt.Module):
     self._residual_stack = ResidualStack(num_hiddens, num_residual_layers,
                                          num_residual_hiddens)
 
+  @_mixed_precision
   def __call__(self, images: tf.Tensor) -> tf.Tensor:
     """Encodes [B, H, W, C] images to [B, H/4, W/4, num_hiddens] features."""
     h = tf.nn.relu(self._enc_1(images))
@@ -97,6 +104,7 @@ class Decoder(snt.Module):
     self._dec_3 = snt.Conv2DTranspose(output_channels, 4, stride=2,
                                       name="dec_3")
 
+  @_mixed_precision
   def __call__(self, inputs: tf.Tensor) -> tf.Tensor:
     """Decodes [B, h, w, D] to [B, 4h, 4w, output_channels] images."""
     h = self._residual_stack(self._dec_1(inputs))

@@ -22,6 +22,7 @@ The input pipeline's position is not checkpointed; a resumed run reshuffles
 with seed + step.
 """
 
+import contextlib
 import functools
 import glob
 import json
@@ -128,6 +129,11 @@ def validate_config(config: config_dict.ConfigDict) -> None:
         f"config.learning_rate must be positive, got {config.learning_rate}.")
   if not 0 <= config.decay < 1:
     raise ValueError(f"config.decay must be in [0, 1), got {config.decay}.")
+  if config.mixed_precision not in (None, "bfloat16"):
+    raise ValueError(
+        "config.mixed_precision must be None or 'bfloat16', got "
+        f"{config.mixed_precision!r} (float16 needs loss scaling, which is not "
+        "implemented).")
   if config.strategy not in STRATEGIES:
     raise ValueError(
         f"config.strategy must be one of {STRATEGIES}, got {config.strategy!r}.")
@@ -215,17 +221,26 @@ def create_model_and_optimizer(
     optimizer = Adam(config.learning_rate)
     # Sonnet creates variables on the first call; create them now, so that a
     # checkpoint restores into existing variables and mismatches are caught.
-    model(tf.zeros([1, 32, 32, 3]), is_training=False)
+    with precision_scope(config.mixed_precision):
+      model(tf.zeros([1, 32, 32, 3]), is_training=False)
     optimizer.build(model.trainable_variables)
   return model, optimizer
 
 
+def precision_scope(mixed_precision: Optional[str]):
+  """Context in which the model computes in `mixed_precision` (None: float32)."""
+  if mixed_precision is None:
+    return contextlib.nullcontext()
+  return snt.mixed_precision.scope(tf.as_dtype(mixed_precision))
+
+
 def make_train_step(model: networks.VQVAEModel, optimizer: Adam,
-                     strategy: tf.distribute.Strategy, jit_compile: bool):
+                    strategy: tf.distribute.Strategy, jit_compile: bool,
+                    mixed_precision: Optional[str] = None):
   """Returns step(iterator) -> dict of scalar metrics (means over replicas)."""
 
   def replica_step(images):
-    with tf.GradientTape() as tape:
+    with tf.GradientTape() as tape, precision_scope(mixed_precision):
       out = model(images, is_training=True)
     params = model.trainable_variables
     grads = tape.gradient(out["loss"], params)
@@ -354,7 +369,8 @@ def train(config: config_dict.ConfigDict,
           train_split, config.batch_size, shuffle_buffer=config.shuffle_buffer,
           seed=config.seed + step, input_context=ctx))
   iterator = iter(dataset)
-  train_step = make_train_step(model, optimizer, strategy, config.jit_compile)
+  train_step = make_train_step(model, optimizer, strategy, config.jit_compile,
+                               config.mixed_precision)
   writer = (tf.summary.create_file_writer(workdir) if chief
             else tf.summary.create_noop_writer())
   progress = tqdm.tqdm(total=config.num_steps, initial=step,

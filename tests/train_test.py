@@ -104,11 +104,30 @@ class TrainTest(parameterized.TestCase):
       ("indivisible_batch", dict(batch_size=3, strategy="replicator"),
        "not divisible"),
       ("unknown_strategy", dict(strategy="gpu"), "strategy"),
-      ("bad_decay", dict(decay=1.0), "decay"))
+      ("bad_decay", dict(decay=1.0), "decay"),
+      ("float16", dict(mixed_precision="float16"), "loss scaling"))
   def test_bad_config(self, overrides, message):
     with self.assertRaisesRegex(ValueError, message):
       _train(tiny_config(**overrides), self.workdir)
     self.assertEmpty(os.listdir(self.workdir))
+
+  def test_bfloat16_step_computes_convolutions_in_bfloat16(self):
+    config = tiny_config(mixed_precision="bfloat16")
+    strategy = tf.distribute.get_strategy()
+    model, optimizer = train.create_model_and_optimizer(config, 0.06, strategy)
+    step = train.make_train_step(model, optimizer, strategy, jit_compile=False,
+                                 mixed_precision="bfloat16")
+    images = tf.data.Dataset.from_tensors(
+        tf.random.stateless_uniform([4, 32, 32, 3], [0, 1]) - 0.5).repeat()
+    iterator = iter(images)
+    losses = [float(step(iterator)["loss"]) for _ in range(20)]
+    self.assertLess(losses[-1], losses[0])
+    graph = step.get_concrete_function(iterator).graph.as_graph_def()
+    conv_types = {node.attr["T"].type for function in graph.library.function
+                  for node in function.node_def if node.op == "Conv2D"}
+    self.assertIn(tf.bfloat16.as_datatype_enum, conv_types)
+    # Master weights stay float32.
+    self.assertEqual({v.dtype for v in model.trainable_variables}, {tf.float32})
 
   def test_unknown_key(self):
     config = tiny_config()

@@ -49,6 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
   # XLA for the train step. Off: on a 2-core CPU it halved the throughput
   # (237 vs 445 images/s, bench/train_throughput.py); try it on GPU/TPU.
   config.jit_compile = False
+  # None (float32) or "bfloat16": the convolutions compute in bfloat16 on
+  # float32 variables (TPUs, recent GPUs; slower on CPUs without AMX). float16
+  # would need loss scaling, which is not implemented.
+  config.mixed_precision = ml_collections.config_dict.placeholder(str)
   # None, "bfloat16" or "float16" (the latter with dynamic loss scaling).
   config.mixed_precision = ml_collections.config_dict.placeholder(str)
   # "auto", "default" (one device), "mirrored", "replicator", "tpu" or
