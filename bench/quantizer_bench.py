@@ -24,7 +24,9 @@ import sonnet_vqvae
 _SIZES = flags.DEFINE_multi_string(
     "sizes", ["2048,512,64", "16384,4096,64", "65536,16384,64"],
     "N,K,D: vectors, codes, dimension.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement.")
+_MIN_SECONDS = flags.DEFINE_float(
+    "min_seconds", 2.0, "Time each pair of implementations at least this long "
+    "(and at least 5 calls each); small sizes get many calls.")
 
 
 def _quantizers(kind: str, dim: int, codes: int):
@@ -35,8 +37,8 @@ def _quantizers(kind: str, dim: int, codes: int):
           snt.nets.VectorQuantizer(dim, codes, 0.25))
 
 
-def _measure(quantizer, inputs, repeats):
-  """(median seconds per call, peak allocator bytes) of a training call."""
+def _train_call(quantizer):
+  """A compiled training call: quantize, loss, gradients."""
 
   @tf.function
   def train_call(x):
@@ -49,16 +51,29 @@ def _measure(quantizer, inputs, repeats):
     grads = tape.gradient(loss, [x] + trainable)
     return loss, out["perplexity"], grads
 
-  tf.nest.map_structure(lambda t: t.numpy(), train_call(inputs))  # Compiles.
+  return lambda x: tf.nest.map_structure(lambda t: t.numpy(), train_call(x))
+
+
+def _peak_bytes(call, inputs) -> int:
+  """Peak of TF's CPU allocator during one call, above what was held before."""
+  call(inputs)  # Compiles.
   tf.config.experimental.reset_memory_stats("CPU:0")
   base = tf.config.experimental.get_memory_info("CPU:0")["current"]
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    tf.nest.map_structure(lambda t: t.numpy(), train_call(inputs))
-    times.append(time.perf_counter() - start)
-  peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - base
-  return float(np.median(times)), peak
+  call(inputs)
+  return tf.config.experimental.get_memory_info("CPU:0")["peak"] - base
+
+
+def _median_seconds(calls, inputs, min_seconds):
+  """Median seconds per call of each of `calls`, timed in alternation."""
+  times = [[] for _ in calls]
+  start = time.perf_counter()
+  while len(times[0]) < 5 or time.perf_counter() - start < min_seconds:
+    # Alternating spreads load from other processes over both alike.
+    for call, seconds in zip(calls, times):
+      begin = time.perf_counter()
+      call(inputs)
+      seconds.append(time.perf_counter() - begin)
+  return [float(np.median(t)) for t in times]
 
 
 def main(argv):
@@ -67,9 +82,9 @@ def main(argv):
     n, k, d = (int(v) for v in size.split(","))
     inputs = tf.random.normal([n, d])
     for kind in ("ema", "gradient"):
-      ours, stock = _quantizers(kind, d, k)
-      ours_s, ours_mem = _measure(ours, inputs, _REPEATS.value)
-      stock_s, stock_mem = _measure(stock, inputs, _REPEATS.value)
+      calls = [_train_call(q) for q in _quantizers(kind, d, k)]
+      ours_mem, stock_mem = (_peak_bytes(call, inputs) for call in calls)
+      ours_s, stock_s = _median_seconds(calls, inputs, _MIN_SECONDS.value)
       print(json.dumps({
           "N": n, "K": k, "D": d, "quantizer": kind,
           "ours_ms": round(1e3 * ours_s, 2),
