@@ -23,7 +23,8 @@ def load_split(split: str,
     Dataset of {'image': float32 [32, 32, 3] in [-0.5, 0.5], 'label': int64}.
 
   Raises:
-    FileNotFoundError: when the data is neither prepared nor downloadable.
+    FileNotFoundError: when the data is not prepared and download is False.
+    ConnectionError: when the data is not prepared and cannot be downloaded.
   """
   builder = tfds.builder(dataset, data_dir=data_dir)
   if not download and not builder.is_prepared():
@@ -32,7 +33,15 @@ def load_split(split: str,
         f"{data_dir!r}, download=False). Point `data_dir` (--config.data_dir="
         f"DIR) at a directory holding {dataset}/<version>/ prepared by tfds, "
         "or set download=True on a machine with network access.")
-  ds = tfds.load(dataset, split=split, data_dir=data_dir, download=download)
+  try:
+    ds = tfds.load(dataset, split=split, data_dir=data_dir, download=download)
+  except OSError as e:  # requests' network errors are OSErrors too.
+    if builder.is_prepared():
+      raise
+    raise ConnectionError(
+        f"Could not download and prepare {dataset!r} into {builder.data_dir!r} "
+        f"({e}). Offline, point `data_dir` (--config.data_dir=DIR) at a "
+        f"directory holding {dataset}/<version>/ prepared by tfds.") from e
   return ds.map(_scale, num_parallel_calls=tf.data.AUTOTUNE)
 
 

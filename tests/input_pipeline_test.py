@@ -1,6 +1,7 @@
 """Tests for sonnet_vqvae.input_pipeline."""
 
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -35,6 +36,16 @@ class InputPipelineTest(parameterized.TestCase):
     with tempfile.TemporaryDirectory() as data_dir:
       with self.assertRaisesRegex(FileNotFoundError, "data_dir"):
         input_pipeline.load_split("train", data_dir=data_dir, download=False)
+
+  def test_failed_download_names_data_dir(self):
+    # What an offline machine sees: the download raises a network error.
+    offline = mock.patch.object(
+        tfds.core.DatasetBuilder, "download_and_prepare",
+        side_effect=OSError("Failed to resolve 'www.cs.toronto.edu'"))
+    with tempfile.TemporaryDirectory() as data_dir, offline:
+      with self.assertRaisesRegex(ConnectionError,
+                                  "toronto.*--config.data_dir"):
+        input_pipeline.load_split("train", data_dir=data_dir)
 
   def test_data_variance_matches_numpy(self):
     images, ds = _examples()
