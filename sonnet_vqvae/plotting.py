@@ -1,5 +1,6 @@
 """The reference notebook's figures, written as PNG files."""
 
+import math
 from typing import Mapping, Sequence
 
 # Figure objects draw without pyplot, so no display and no global backend
@@ -65,6 +66,24 @@ def plot_reconstructions(originals: np.ndarray, reconstructions: np.ndarray,
     ax.axis("off")
   fig.tight_layout()
   fig.savefig(path)
+
+
+def plot_image_grid(images: np.ndarray, path: str, title: str) -> None:
+  """A square-ish grid of images, e.g. samples of the prior.
+
+  Args:
+    images: [N, H, W, 3] images in [-0.5, 0.5].
+    path: PNG file to write.
+    title: figure title.
+  """
+  cols = math.ceil(math.sqrt(len(images)))
+  rows = math.ceil(len(images) / cols)
+  fig = figure.Figure(figsize=(cols, rows + 0.5))
+  ax = fig.subplots()
+  ax.imshow(_grid(np.asarray(images), rows, cols), interpolation="nearest")
+  ax.set_title(title)
+  ax.axis("off")
+  fig.savefig(path, dpi=100)
 
 
 def project_codebook(embeddings: np.ndarray) -> np.ndarray:

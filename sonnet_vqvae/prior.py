@@ -10,7 +10,6 @@ New images are drawn by sampling code grids and decoding them.
   python -m sonnet_vqvae.prior --vqvae_workdir DIR --workdir DIR2 --mode=sample
 """
 
-import functools
 import json
 import math
 import os
@@ -20,7 +19,6 @@ from typing import Dict, Optional, Tuple
 from absl import app
 from absl import flags
 from absl import logging
-from matplotlib import figure
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
@@ -29,6 +27,7 @@ import tensorflow as tf
 
 from sonnet_vqvae import input_pipeline
 from sonnet_vqvae import pixelcnn
+from sonnet_vqvae import plotting
 from sonnet_vqvae import train
 from sonnet_vqvae.configs import prior as prior_config
 
@@ -144,16 +143,6 @@ def unigram_nll(train_codes: np.ndarray, test_codes: np.ndarray,
   return float(-log_probs[test_codes.ravel()].mean())
 
 
-@functools.cache
-def _replicator() -> snt.distribute.Replicator:
-  """All local GPUs (or the CPUs), shared with `train` in this process.
-
-  Strategies number their all-reduces independently, so a second one over the
-  same devices would reuse the first one's collective keys with other shapes.
-  """
-  return train.make_strategy("replicator")
-
-
 def train_on_codes(config: ml_collections.ConfigDict,
                    train_data: Dict[str, np.ndarray],
                    test_data: Dict[str, np.ndarray], num_embeddings: int,
@@ -176,11 +165,12 @@ def train_on_codes(config: ml_collections.ConfigDict,
 
   Raises:
     ValueError: if the batch does not split evenly over the replicas.
+    RuntimeError: for a checkpoint in workdir that cannot be restored (it is
+      left untouched).
   """
-  tf.io.gfile.makedirs(workdir)
-  with tf.io.gfile.GFile(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    f.write(config.to_json(indent=2))
-  strategy = _replicator()
+  # The process's one Replicator, shared with `train`: a second strategy over
+  # the same devices would reuse its collective keys with other shapes.
+  strategy = train.make_strategy("replicator")
   num_replicas = strategy.num_replicas_in_sync
   if config.batch_size % num_replicas:
     raise ValueError(f"batch_size {config.batch_size} does not split over "
@@ -188,18 +178,17 @@ def train_on_codes(config: ml_collections.ConfigDict,
   with strategy.scope():
     tf.random.set_seed(config.seed)
     model = build_prior(config, num_embeddings)
-    optimizer = snt.optimizers.Adam(config.learning_rate)
-    # Adam creates its moments on first use; inside the compiled replica step
-    # that breaks mirrored variable creation over several replicas.
-    optimizer._initialize(model.trainable_variables)  # pylint: disable=protected-access
+    optimizer = train.Adam(config.learning_rate)
+    optimizer.build(model.trainable_variables)
   step = tf.Variable(0, dtype=tf.int64, trainable=False)
   checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
-  manager = tf.train.CheckpointManager(
-      checkpoint, os.path.join(workdir, "checkpoints"), max_to_keep=3)
-  if manager.latest_checkpoint:
-    checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    logging.info("Resumed from %s.", manager.latest_checkpoint)
-  start = int(step.numpy())
+  checkpoints = os.path.join(workdir, "checkpoints")
+  manager = tf.train.CheckpointManager(checkpoint, checkpoints, max_to_keep=3)
+  start = train.restore_checkpoint(checkpoint, checkpoints)
+  # Written once the workdir's checkpoint is known to fit this config.
+  tf.io.gfile.makedirs(workdir)
+  with tf.io.gfile.GFile(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    f.write(config.to_json(indent=2))
 
   # A fixed shuffle seed and skipping the steps already taken give a resumed
   # run the same batches as an uninterrupted one.
@@ -215,7 +204,7 @@ def train_on_codes(config: ml_collections.ConfigDict,
     def step_fn(codes, labels):
       with tf.GradientTape() as tape:
         loss = tf.reduce_mean(code_nll(model, codes, labels))
-      # Dense: Sonnet's Adam cannot sparse_read mirrored moment variables.
+      # Dense: Adam's moments are dense; the embedding's gradient is sparse.
       grads = [tf.convert_to_tensor(g)
                for g in tape.gradient(loss, model.trainable_variables)]
       grads = tf.distribute.get_replica_context().all_reduce("mean", grads)
@@ -308,22 +297,6 @@ def restore_prior(workdir: str, num_embeddings: int
   return config, model
 
 
-def save_image_grid(images: np.ndarray, path: str, title: str):
-  """Saves [N, H, W, 3] images in [-0.5, 0.5] as a square-ish PNG grid."""
-  columns = math.ceil(math.sqrt(len(images)))
-  rows = math.ceil(len(images) / columns)
-  fig = figure.Figure(figsize=(columns, rows + 0.5))
-  axes = fig.subplots(rows, columns, squeeze=False)
-  for ax in axes.flat:
-    ax.axis("off")
-  for ax, image in zip(axes.flat, images):
-    ax.imshow(np.clip(image + 0.5, 0.0, 1.0))
-  fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.92,
-                      wspace=0.05, hspace=0.05)
-  fig.suptitle(title)
-  fig.savefig(path, dpi=100)
-
-
 def sample_images(model: pixelcnn.GatedPixelCNN, vqvae: snt.Module, *,
                   num_samples: int, label: int, temperature: float,
                   seed: int) -> np.ndarray:
@@ -385,7 +358,7 @@ def sample(config: ml_collections.ConfigDict, vqvae_workdir: str,
                          seed=config.sample_seed)
   suffix = f"_class{config.sample_label}" if config.sample_label >= 0 else ""
   path = os.path.join(workdir, f"prior_samples{suffix}.png")
-  save_image_grid(images, path, f"PixelCNN prior samples{suffix}, "
+  plotting.plot_image_grid(images, path, f"PixelCNN prior samples{suffix}, "
                   f"temperature {config.temperature}")
   logging.info("Wrote %s.", path)
   return path

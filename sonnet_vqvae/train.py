@@ -39,6 +39,7 @@ from ml_collections import config_dict
 from ml_collections import config_flags
 import numpy as np
 import sonnet as snt
+from sonnet.src.optimizers import adam as snt_adam
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 import tqdm
@@ -56,7 +57,7 @@ _SCALAR_METADATA = summary_pb2.SummaryMetadata(
 
 
 class Adam(snt.Module):
-  """Adam (Kingma & Ba) with the update rule of `snt.optimizers.Adam`."""
+  """Adam (Kingma & Ba): `snt.optimizers.Adam`'s update under any strategy."""
 
   def __init__(self,
                learning_rate: float,
@@ -91,12 +92,13 @@ class Adam(snt.Module):
     self.step.assign_add(1)
     t = tf.cast(self.step, tf.float32)
     for update, param, m, v in zip(updates, parameters, self.m, self.v):
-      m.assign(self.beta1 * m + (1. - self.beta1) * update)
-      v.assign(self.beta2 * v + (1. - self.beta2) * tf.square(update))
-      m_hat = m / (1. - tf.pow(self.beta1, t))
-      v_hat = v / (1. - tf.pow(self.beta2, t))
-      param.assign_sub(
-          self.learning_rate * m_hat / (tf.sqrt(v_hat) + self.epsilon))
+      # Sonnet's own update rule; only its apply() refuses our strategies.
+      step, new_m, new_v = snt_adam.adam_update(
+          g=update, alpha=self.learning_rate, beta_1=self.beta1,
+          beta_2=self.beta2, epsilon=self.epsilon, t=t, m=m, v=v)
+      m.assign(new_m)
+      v.assign(new_v)
+      param.assign_sub(step)
 
 
 def _first_replica_aggregation(next_creator, **kwargs):
@@ -290,7 +292,7 @@ def _load_run(workdir: str) -> Optional[Tuple[config_dict.ConfigDict, float]]:
   return config_dict.ConfigDict(run["config"]), run["data_variance"]
 
 
-def _restore(checkpoint: tf.train.Checkpoint, directory: str) -> int:
+def restore_checkpoint(checkpoint: tf.train.Checkpoint, directory: str) -> int:
   """Restores the latest checkpoint in `directory` (if any); returns its step.
 
   Raises:
@@ -358,7 +360,7 @@ def train(config: config_dict.ConfigDict,
         workdir, f"worker_{strategy.cluster_resolver.task_id}_scratch")
   manager = tf.train.CheckpointManager(
       checkpoint, checkpoint_dir, max_to_keep=config.max_checkpoints_to_keep)
-  step = _restore(checkpoint, os.path.join(workdir, _CHECKPOINT_DIR))
+  step = restore_checkpoint(checkpoint, os.path.join(workdir, _CHECKPOINT_DIR))
   if chief:
     _save_run(workdir, config, data_variance)
   logging.info("Training from step %d to %d on %d replica(s) (%s).", step,
@@ -398,7 +400,8 @@ def train(config: config_dict.ConfigDict,
           "step %d/%d loss %.4f nmse %.4f perplexity %.1f codes %.0f "
           "(window %.0f) %.2f steps/s ETA %.0fs", step, config.num_steps,
           row["loss"], row["recon_error"], row["perplexity"],
-          row["codes_used"], row["codes_used_ema"], steps_per_sec, (config.num_steps - step) / steps_per_sec)
+          row["codes_used"], row["codes_used_ema"], steps_per_sec,
+          (config.num_steps - step) / steps_per_sec)
       sums, count = {}, 0
     if step % config.checkpoint_every == 0 or step == config.num_steps:
       checkpoint.step.assign(step)
@@ -520,7 +523,7 @@ def restore_model(workdir: str) -> Tuple[config_dict.ConfigDict,
       config, data_variance, tf.distribute.get_strategy())
   checkpoint = tf.train.Checkpoint(
       model=model, optimizer=optimizer, step=tf.Variable(0, dtype=tf.int64))
-  _restore(checkpoint, checkpoints)
+  restore_checkpoint(checkpoint, checkpoints)
   return config, model
 
 

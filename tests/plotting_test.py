@@ -35,7 +35,7 @@ class PlottingTest(absltest.TestCase):
 
   def test_writes_pngs(self):
     with tempfile.TemporaryDirectory() as workdir:
-      paths = [os.path.join(workdir, f"{n}.png") for n in "abc"]
+      paths = [os.path.join(workdir, f"{n}.png") for n in "abcd"]
       plotting.plot_curves(
           [{"step": 1, "recon_error": 1.0, "perplexity": 2.0, "codes_used": 2},
            {"step": 2, "recon_error": 0.5, "perplexity": 3.0, "codes_used": 3}],
@@ -43,6 +43,7 @@ class PlottingTest(absltest.TestCase):
       images = np.zeros([32, 32, 32, 3])
       plotting.plot_reconstructions(images, images, paths[1])
       plotting.plot_codebook(np.eye(4), np.array([3, 0, 1, 0]), paths[2])
+      plotting.plot_image_grid(np.zeros([5, 4, 4, 3]), paths[3], "samples")
       for path in paths:
         with open(path, "rb") as f:
           self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
