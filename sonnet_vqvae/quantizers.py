@@ -25,15 +25,19 @@ import tensorflow as tf
 _CHUNK_ELEMENTS = 1 << 24
 
 
-def _replica_local_statistics(next_creator, **kwargs):
-  """Variable creator: non-trainable state lives on each replica (as Replicator).
+def replica_consistent_variables(next_creator, **kwargs):
+  """Variable creator for state every replica updates identically.
 
-  Every replica computes the same update from all-reduced statistics, so the
-  copies stay equal without a broadcast and reads take the first replica's.
+  For use with `tf.variable_creator_scope`. Every replica computes the same
+  update from all-reduced statistics or gradients, so the first replica's
+  value stands for all: assignments in replica context are valid under every
+  strategy, and non-trainable state lives on each replica (as Sonnet's
+  Replicator makes it) so that updating it needs no broadcast.
   """
   if kwargs.get("aggregation") in (None, tf.VariableAggregation.NONE):
     kwargs["aggregation"] = tf.VariableAggregation.ONLY_FIRST_REPLICA
-  if not kwargs.get("trainable", True):
+  # trainable=None means the default, trainable.
+  if kwargs.get("trainable") is False:
     kwargs["synchronization"] = tf.VariableSynchronization.ON_READ
   return next_creator(**kwargs)
 
@@ -173,7 +177,7 @@ class _Quantizer(snt.Module):
     self.cosine = cosine
     self._seed = seed
 
-    with tf.variable_creator_scope(_replica_local_statistics):
+    with tf.variable_creator_scope(replica_consistent_variables):
       initializer = snt.initializers.VarianceScaling(distribution="uniform")
       self.embeddings = tf.Variable(
           initializer([embedding_dim, num_embeddings], dtype),

@@ -15,8 +15,8 @@ gradients are all-reduced (mean) and every replica applies the same update.
 `snt.optimizers.Adam` refuses strategies other than Sonnet's replicators, so
 the step uses `Adam` below: the same update rule as `snt.optimizers.Adam`,
 without the strategy check. Its slot variables, like the model's, are created
-with ONLY_FIRST_REPLICA aggregation, which makes replica-context assignments
-valid under every strategy.
+by `quantizers.replica_consistent_variables` (ONLY_FIRST_REPLICA aggregation),
+which makes replica-context assignments valid under every strategy.
 
 The input pipeline's position is not checkpointed; a resumed run reshuffles
 with seed + step.
@@ -47,6 +47,7 @@ import tqdm
 from sonnet_vqvae import input_pipeline
 from sonnet_vqvae import networks
 from sonnet_vqvae import plotting
+from sonnet_vqvae import quantizers
 from sonnet_vqvae.configs import default
 
 STRATEGIES = ("auto", "default", "replicator", "tpu", "multi_worker")
@@ -99,14 +100,6 @@ class Adam(snt.Module):
       m.assign(new_m)
       v.assign(new_v)
       param.assign_sub(step)
-
-
-def _first_replica_aggregation(next_creator, **kwargs):
-  # Every replica computes the same update from all-reduced gradients, so the
-  # first replica's assignment stands for all (valid in replica context).
-  if kwargs.get("aggregation") in (None, tf.VariableAggregation.NONE):
-    kwargs["aggregation"] = tf.VariableAggregation.ONLY_FIRST_REPLICA
-  return next_creator(**kwargs)
 
 
 def validate_config(config: config_dict.ConfigDict) -> None:
@@ -218,7 +211,8 @@ def create_model_and_optimizer(
     strategy: tf.distribute.Strategy) -> Tuple[networks.VQVAEModel, Adam]:
   """Model and optimizer with all variables created, under `strategy`."""
   tf.random.set_seed(config.seed)
-  with strategy.scope(), tf.variable_creator_scope(_first_replica_aggregation):
+  with strategy.scope(), tf.variable_creator_scope(
+      quantizers.replica_consistent_variables):
     model = networks.build_model(config, data_variance)
     optimizer = Adam(config.learning_rate)
     # Sonnet creates variables on the first call; create them now, so that a
