@@ -14,11 +14,12 @@ from sonnet_vqvae import quantizers
 
 Quantizer = Union[quantizers.VectorQuantizer, quantizers.VectorQuantizerEMA]
 
-# Inside snt.mixed_precision.scope(tf.bfloat16) the encoder's and decoder's
-# convolutions compute in bfloat16 on float32 variables (cast on read) and
-# return float32, so the quantizer and the losses stay in float32. The first
-# call in the scope creates the variables in float32.
-_mixed_precision = snt.mixed_precision.modes([tf.float32, tf.bfloat16])
+# Inside snt.mixed_precision.scope(tf.bfloat16 or tf.float16) the encoder's and
+# decoder's convolutions compute in that type on float32 variables (cast on
+# read) and return float32, so the quantizer and the losses stay in float32.
+# The first call in the scope creates the variables in float32.
+_mixed_precision = snt.mixed_precision.modes(
+    [tf.float32, tf.bfloat16, tf.float16])
 
 
 class ResidualStack(snt.Module):

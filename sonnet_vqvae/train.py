@@ -45,6 +45,7 @@ from tensorflow.core.framework import summary_pb2
 import tqdm
 
 from sonnet_vqvae import input_pipeline
+from sonnet_vqvae import loss_scale as loss_scale_lib
 from sonnet_vqvae import networks
 from sonnet_vqvae import plotting
 from sonnet_vqvae import quantizers
@@ -65,13 +66,25 @@ class Adam(snt.Module):
                beta1: float = 0.9,
                beta2: float = 0.999,
                epsilon: float = 1e-8,
+               loss_scale: Optional[loss_scale_lib.DynamicLossScale] = None,
                name: str = "adam"):
-    """Constructs the optimizer; arguments as in `snt.optimizers.Adam`."""
+    """Constructs the optimizer.
+
+    Args:
+      learning_rate: as in `snt.optimizers.Adam`.
+      beta1: as in `snt.optimizers.Adam`.
+      beta2: as in `snt.optimizers.Adam`.
+      epsilon: as in `snt.optimizers.Adam`.
+      loss_scale: for float16 training, the loss scale that `make_train_step`
+        applies (checkpointed with the optimizer); None otherwise.
+      name: module name.
+    """
     super().__init__(name=name)
     self.learning_rate = learning_rate
     self.beta1 = beta1
     self.beta2 = beta2
     self.epsilon = epsilon
+    self.loss_scale = loss_scale
     self.step = tf.Variable(0, trainable=False, dtype=tf.int64, name="t")
     self.m = []
     self.v = []
@@ -85,21 +98,36 @@ class Adam(snt.Module):
           for p in parameters)
 
   def apply(self, updates: Sequence[tf.Tensor],
-            parameters: Sequence[tf.Variable]) -> None:
-    """Applies one Adam step of `updates` (gradients) to `parameters`."""
+            parameters: Sequence[tf.Variable],
+            apply_if: Optional[tf.Tensor] = None) -> None:
+    """Applies one Adam step of `updates` (gradients) to `parameters`.
+
+    Args:
+      updates: gradients, one per parameter.
+      parameters: the variables `build` was called with.
+      apply_if: optional scalar bool; when False the step changes nothing
+        (parameters, moments and step count), as loss scaling needs after a
+        gradient overflow.
+    """
     if len(self.m) != len(parameters):
       raise ValueError(f"Adam was built for {len(self.m)} parameters, got "
                        f"{len(parameters)}.")
-    self.step.assign_add(1)
+
+    def unless_skipped(new, old):
+      # tf.where, not tf.cond: assignments inside tf.cond break under
+      # MirroredStrategy. A skipped step's values may be inf/NaN; unselected.
+      return new if apply_if is None else tf.where(apply_if, new, old)
+
+    self.step.assign(unless_skipped(self.step + 1, self.step))
     t = tf.cast(self.step, tf.float32)
     for update, param, m, v in zip(updates, parameters, self.m, self.v):
       # Sonnet's own update rule; only its apply() refuses our strategies.
       step, new_m, new_v = snt_adam.adam_update(
           g=update, alpha=self.learning_rate, beta_1=self.beta1,
           beta_2=self.beta2, epsilon=self.epsilon, t=t, m=m, v=v)
-      m.assign(new_m)
-      v.assign(new_v)
-      param.assign_sub(step)
+      m.assign(unless_skipped(new_m, m))
+      v.assign(unless_skipped(new_v, v))
+      param.assign(unless_skipped(param - step, param))
 
 
 def validate_config(config: config_dict.ConfigDict) -> None:
@@ -124,11 +152,10 @@ def validate_config(config: config_dict.ConfigDict) -> None:
         f"config.learning_rate must be positive, got {config.learning_rate}.")
   if not 0 <= config.decay < 1:
     raise ValueError(f"config.decay must be in [0, 1), got {config.decay}.")
-  if config.mixed_precision not in (None, "bfloat16"):
+  if config.mixed_precision not in (None, "bfloat16", "float16"):
     raise ValueError(
-        "config.mixed_precision must be None or 'bfloat16', got "
-        f"{config.mixed_precision!r} (float16 needs loss scaling, which is not "
-        "implemented).")
+        "config.mixed_precision must be None, 'bfloat16' or 'float16', got "
+        f"{config.mixed_precision!r}.")
   if config.strategy not in STRATEGIES:
     raise ValueError(
         f"config.strategy must be one of {STRATEGIES}, got {config.strategy!r}.")
@@ -214,7 +241,9 @@ def create_model_and_optimizer(
   with strategy.scope(), tf.variable_creator_scope(
       quantizers.replica_consistent_variables):
     model = networks.build_model(config, data_variance)
-    optimizer = Adam(config.learning_rate)
+    optimizer = Adam(config.learning_rate, loss_scale=(
+        loss_scale_lib.DynamicLossScale()
+        if config.mixed_precision == "float16" else None))
     # Sonnet creates variables on the first call; create them now, so that a
     # checkpoint restores into existing variables and mismatches are caught.
     with precision_scope(config.mixed_precision):
@@ -233,23 +262,42 @@ def precision_scope(mixed_precision: Optional[str]):
 def make_train_step(model: networks.VQVAEModel, optimizer: Adam,
                     strategy: tf.distribute.Strategy, jit_compile: bool,
                     mixed_precision: Optional[str] = None):
-  """Returns step(iterator) -> dict of scalar metrics (means over replicas)."""
+  """Returns step(iterator) -> dict of scalar metrics (means over replicas).
+
+  With float16, the optimizer's loss scale scales the loss; a step whose
+  gradients overflow changes nothing but the scale. The metrics then include
+  loss_scale.
+
+  Raises:
+    ValueError: for float16 with an optimizer that has no loss scale.
+  """
+  loss_scale = optimizer.loss_scale
+  if mixed_precision == "float16" and loss_scale is None:
+    raise ValueError("float16 training needs a loss scale: "
+                     "Adam(..., loss_scale=DynamicLossScale()).")
 
   def replica_step(images):
     with tf.GradientTape() as tape, precision_scope(mixed_precision):
       out = model(images, is_training=True)
+      loss = (out["loss"] if loss_scale is None
+              else loss_scale.scale_loss(out["loss"]))
     params = model.trainable_variables
-    grads = tape.gradient(out["loss"], params)
+    grads = tape.gradient(loss, params)
     context = tf.distribute.get_replica_context()
     if context.num_replicas_in_sync > 1:
       grads = context.all_reduce(tf.distribute.ReduceOp.MEAN, grads)
-    optimizer.apply(grads, params)
+    apply_if = None
+    if loss_scale is not None:
+      grads, apply_if = loss_scale.update(grads)
+    optimizer.apply(grads, params, apply_if)
     vq = out["vq_output"]
     metrics = {"loss": out["loss"], "recon_error": out["recon_error"],
                "perplexity": vq["perplexity"],
                "codes_used": tf.cast(vq["codes_used"], tf.float32),
                # Usage over ~70 steps: one batch's count depends on its size.
                "codes_used_ema": tf.cast(vq["codes_used_ema"], tf.float32)}
+    if loss_scale is not None:
+      metrics["loss_scale"] = loss_scale.scale.read_value()
     if context.num_replicas_in_sync > 1:
       metrics = context.all_reduce(tf.distribute.ReduceOp.MEAN, metrics)
     return metrics

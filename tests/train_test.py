@@ -56,6 +56,21 @@ class AdamTest(absltest.TestCase):
     for a, b in zip(ours, stock):
       np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5)
 
+  def test_skipped_step_changes_nothing(self):
+    params = [tf.Variable([1.0, -2.0])]
+    adam = train.Adam(0.1)
+    adam.build(params)
+    adam.apply([tf.constant([0.5, 0.5])], params)
+    before = [v.numpy() for v in (params[0], adam.m[0], adam.v[0], adam.step)]
+    adam.apply([tf.constant([np.inf, np.nan])], params,
+               apply_if=tf.constant(False))
+    after = [v.numpy() for v in (params[0], adam.m[0], adam.v[0], adam.step)]
+    for a, b in zip(before, after):
+      np.testing.assert_array_equal(a, b)
+    adam.apply([tf.constant([0.5, 0.5])], params, apply_if=tf.constant(True))
+    self.assertEqual(int(adam.step.numpy()), 2)
+    self.assertFalse(np.array_equal(params[0].numpy(), before[0]))
+
 
 class TrainTest(parameterized.TestCase):
 
@@ -105,29 +120,74 @@ class TrainTest(parameterized.TestCase):
        "not divisible"),
       ("unknown_strategy", dict(strategy="gpu"), "strategy"),
       ("bad_decay", dict(decay=1.0), "decay"),
-      ("float16", dict(mixed_precision="float16"), "loss scaling"))
+      ("precision", dict(mixed_precision="half"), "mixed_precision"))
   def test_bad_config(self, overrides, message):
     with self.assertRaisesRegex(ValueError, message):
       _train(tiny_config(**overrides), self.workdir)
     self.assertEmpty(os.listdir(self.workdir))
 
-  def test_bfloat16_step_computes_convolutions_in_bfloat16(self):
-    config = tiny_config(mixed_precision="bfloat16")
+  @parameterized.parameters("bfloat16", "float16")
+  def test_mixed_precision_step_computes_convolutions_in_it(self, precision):
+    config = tiny_config(mixed_precision=precision)
     strategy = tf.distribute.get_strategy()
     model, optimizer = train.create_model_and_optimizer(config, 0.06, strategy)
     step = train.make_train_step(model, optimizer, strategy, jit_compile=False,
-                                 mixed_precision="bfloat16")
+                                 mixed_precision=precision)
     images = tf.data.Dataset.from_tensors(
         tf.random.stateless_uniform([4, 32, 32, 3], [0, 1]) - 0.5).repeat()
     iterator = iter(images)
-    losses = [float(step(iterator)["loss"]) for _ in range(20)]
-    self.assertLess(losses[-1], losses[0])
+    rows = [step(iterator) for _ in range(20)]
+    self.assertLess(float(rows[-1]["loss"]), float(rows[0]["loss"]))
     graph = step.get_concrete_function(iterator).graph.as_graph_def()
     conv_types = {node.attr["T"].type for function in graph.library.function
                   for node in function.node_def if node.op == "Conv2D"}
-    self.assertIn(tf.bfloat16.as_datatype_enum, conv_types)
+    self.assertIn(tf.as_dtype(precision).as_datatype_enum, conv_types)
     # Master weights stay float32.
     self.assertEqual({v.dtype for v in model.trainable_variables}, {tf.float32})
+    # Only float16 scales the loss.
+    self.assertEqual("loss_scale" in rows[-1], precision == "float16")
+
+  def test_float16_overflowing_step_is_skipped_and_scale_lowered(self):
+    config = tiny_config(mixed_precision="float16")
+    strategy = tf.distribute.get_strategy()
+    model, optimizer = train.create_model_and_optimizer(config, 0.06, strategy)
+    # float32 gradients times 2**120 overflow float16 (max 65504).
+    optimizer.loss_scale.scale.assign(2.**120)
+    step = train.make_train_step(model, optimizer, strategy, jit_compile=False,
+                                 mixed_precision="float16")
+    iterator = iter(tf.data.Dataset.from_tensors(
+        tf.random.stateless_uniform([4, 32, 32, 3], [0, 1]) - 0.5).repeat())
+    before = [v.numpy() for v in model.trainable_variables]
+    step(iterator)
+    self.assertEqual(float(optimizer.loss_scale.scale.numpy()), 2.**119)
+    self.assertEqual(int(optimizer.step.numpy()), 0)
+    for a, b in zip(before, model.trainable_variables):
+      np.testing.assert_array_equal(a, b.numpy())
+    for _ in range(119):  # Halves until the gradients fit, then trains.
+      step(iterator)
+    # Each skipped step halved the scale (no growth within 2000 steps).
+    skipped = 120 - int(np.log2(optimizer.loss_scale.scale.numpy()))
+    self.assertBetween(skipped, 2, 119)
+    self.assertEqual(int(optimizer.step.numpy()), 120 - skipped)
+
+  def test_float16_needs_a_loss_scale(self):
+    strategy = tf.distribute.get_strategy()
+    model, optimizer = train.create_model_and_optimizer(tiny_config(), 0.06,
+                                                        strategy)
+    with self.assertRaisesRegex(ValueError, "loss scale"):
+      train.make_train_step(model, optimizer, strategy, jit_compile=False,
+                            mixed_precision="float16")
+
+  @pytest.mark.slow
+  def test_float16_run_checkpoints_and_resumes_its_loss_scale(self):
+    _train(tiny_config(mixed_precision="float16"), self.workdir)
+    self.assertIn("loss_scale", _rows(self.workdir)[-1])
+    _train(tiny_config(mixed_precision="float16", num_steps=6), self.workdir)
+    self.assertEqual([r["step"] for r in _rows(self.workdir)], [2, 4, 6])
+    reader = tf.train.load_checkpoint(
+        os.path.join(self.workdir, "checkpoints"))
+    self.assertTrue(any("loss_scale" in name
+                        for name in reader.get_variable_to_shape_map()))
 
   def test_unknown_key(self):
     config = tiny_config()

@@ -46,14 +46,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 32  # Global, split evenly across replicas.
   config.num_steps = 10_000
   config.seed = 0
-  # XLA for the train step. Off: on a 2-core CPU it halved the throughput
-  # (237 vs 445 images/s, bench/train_throughput.py); try it on GPU/TPU.
+  # XLA for the train step. Off: on a 2-core CPU it is slower (571 vs 662
+  # images/s, bench/train_throughput.py); try it on GPU/TPU.
   config.jit_compile = False
-  # None (float32) or "bfloat16": the convolutions compute in bfloat16 on
-  # float32 variables (TPUs, recent GPUs; slower on CPUs without AMX). float16
-  # would need loss scaling, which is not implemented.
-  config.mixed_precision = ml_collections.config_dict.placeholder(str)
-  # None, "bfloat16" or "float16" (the latter with dynamic loss scaling).
+  # None (float32), "bfloat16" or "float16": the convolutions compute in that
+  # type on float32 variables. bfloat16 suits TPUs and recent GPUs, float16
+  # (with dynamic loss scaling) GPUs; both are slower on CPUs.
   config.mixed_precision = ml_collections.config_dict.placeholder(str)
   # "auto", "default" (one device), "mirrored", "replicator", "tpu" or
   # "multi_worker".
