@@ -188,6 +188,8 @@ class TrainTest(parameterized.TestCase):
         os.path.join(self.workdir, "checkpoints"))
     self.assertTrue(any("loss_scale" in name
                         for name in reader.get_variable_to_shape_map()))
+    config, _ = train.restore_model(self.workdir)
+    self.assertEqual(config.mixed_precision, "float16")
 
   def test_unknown_key(self):
     config = tiny_config()
