@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 32  # Global, split evenly across replicas.
   config.num_steps = 10_000
   config.seed = 0
-  # XLA for the train step. Off: on a 2-core CPU it is slower (571 vs 662
+  # XLA for the train step. Off: on a 2-core CPU it is slower (589 vs 663
   # images/s, bench/train_throughput.py); try it on GPU/TPU.
   config.jit_compile = False
   # None (float32), "bfloat16" or "float16": the convolutions compute in that
