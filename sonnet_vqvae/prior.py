@@ -358,8 +358,9 @@ def sample(config: ml_collections.ConfigDict, vqvae_workdir: str,
                          seed=config.sample_seed)
   suffix = f"_class{config.sample_label}" if config.sample_label >= 0 else ""
   path = os.path.join(workdir, f"prior_samples{suffix}.png")
-  plotting.plot_image_grid(images, path, f"PixelCNN prior samples{suffix}, "
-                  f"temperature {config.temperature}")
+  plotting.plot_image_grid(
+      images, path,
+      f"PixelCNN prior samples{suffix}, temperature {config.temperature}")
   logging.info("Wrote %s.", path)
   return path
 
