@@ -1,9 +1,38 @@
-"""CIFAR-10 from tfds: scaled images, the training variance, batched datasets."""
+"""Image datasets from tfds: checked, scaled images, their variance, batches.
 
-from typing import Optional
+`load_split` checks, before any work, that a dataset's images are what the
+reference model takes (`check_images`), and downloads only after a quick check
+that the download hosts answer (`check_reachable`); a failed download leaves
+the data directory as it was.
+"""
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from typing import Dict, Iterator, Optional, Sequence, Set, Tuple
+import urllib.parse
+import urllib.request
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+# What the reference model takes: two stride-2 convolutions encode, two
+# stride-2 transposed convolutions decode to 3 channels.
+MODEL_DOWNSAMPLE = 4
+MODEL_CHANNELS = 3
+
+# Seconds `load_split` waits for the download hosts before giving up.
+CONNECT_TIMEOUT_S = 5.0
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21}
+
+
+def _model_takes(downsample: int = MODEL_DOWNSAMPLE,
+                 channels: int = MODEL_CHANNELS) -> str:
+  return (f"a uint8 `image` feature of [H, W, {channels}] images with H and W "
+          f"divisible by {downsample}, the same for every image")
 
 
 def load_split(split: str,
@@ -13,36 +42,280 @@ def load_split(split: str,
                download: bool = True) -> tf.data.Dataset:
   """Loads one split as unbatched examples.
 
+  Checks the dataset's metadata first (`image_spec`, `check_images`); when it
+  must download, checks that the download hosts answer (`check_reachable`),
+  and after a failed download or preparation removes what it added to the
+  data directory.
+
   Args:
     split: tfds split, e.g. "train", "test" or "train[:10%]".
-    dataset: tfds dataset name with 32x32x3 uint8 `image` and `label` features.
+    dataset: tfds dataset name with a uint8 [H, W, 3] `image` feature (H and
+      W divisible by 4) and a `label` feature.
     data_dir: directory of prepared tfds datasets (tfds' default when None).
     download: whether tfds may download and prepare the data.
 
   Returns:
-    Dataset of {'image': float32 [32, 32, 3] in [-0.5, 0.5], 'label': int64}.
+    Dataset of {'image': float32 [H, W, 3] in [-0.5, 0.5], 'label': the
+    dataset's label}.
 
   Raises:
+    ValueError: when the dataset's images or features are not what the model
+      takes (before anything is read or downloaded).
     FileNotFoundError: when the data is not prepared and download is False.
     ConnectionError: when the data is not prepared and cannot be downloaded.
   """
   builder = tfds.builder(dataset, data_dir=data_dir)
-  if not download and not builder.is_prepared():
-    raise FileNotFoundError(
-        f"No prepared {dataset!r} in {builder.data_dir!r} (data_dir="
-        f"{data_dir!r}, download=False). Point `data_dir` (--config.data_dir="
-        f"DIR) at a directory holding {dataset}/<version>/ prepared by tfds, "
-        "or set download=True on a machine with network access.")
-  try:
-    ds = tfds.load(dataset, split=split, data_dir=data_dir, download=download)
-  except OSError as e:  # requests' network errors are OSErrors too.
-    if builder.is_prepared():
-      raise
-    raise ConnectionError(
-        f"Could not download and prepare {dataset!r} into {builder.data_dir!r} "
-        f"({e}). Offline, point `data_dir` (--config.data_dir=DIR) at a "
-        f"directory holding {dataset}/<version>/ prepared by tfds.") from e
+  check_images(_image_spec(builder, dataset), dataset=dataset)
+  if "label" not in builder.info.features.keys():
+    raise ValueError(
+        f"Dataset {dataset!r} has no `label` feature (it has "
+        f"{sorted(builder.info.features.keys())}); load_split yields each "
+        "image's label. Choose a tfds dataset with `image` and `label` "
+        "features (--config.dataset=NAME).")
+  if not builder.is_prepared():
+    if not download:
+      raise FileNotFoundError(
+          f"No prepared {dataset!r} in {os.fspath(builder.data_dir)!r} "
+          f"(data_dir={data_dir!r}, download=False). Point `data_dir` "
+          f"(--config.data_dir=DIR) at a directory holding "
+          f"{dataset}/<version>/ prepared by tfds, or set download=True on a "
+          "machine with network access.")
+    _download_and_prepare(builder, dataset)
+  ds = builder.as_dataset(split=split)
   return ds.map(_scale, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _download_and_prepare(builder: tfds.core.DatasetBuilder,
+                          dataset: str) -> None:
+  """Downloads and prepares `builder`'s data, failing fast when offline."""
+  # Only tfds' own download_and_prepare fetches `url_infos`; a replaced one
+  # (tfds.testing.mock_data, a builder's override) may need no network.
+  if (type(builder).download_and_prepare.__module__
+      == tfds.core.DatasetBuilder.__module__):
+    try:
+      check_reachable(_download_urls(builder, dataset),
+                      timeout_s=CONNECT_TIMEOUT_S)
+    except ConnectionError as e:
+      raise ConnectionError(_offline_message(builder, dataset, e)) from e
+  with _removing_additions_on_error(os.fspath(builder.data_dir_root)):
+    try:
+      builder.download_and_prepare()
+    except OSError as e:  # requests' network errors are OSErrors too.
+      raise ConnectionError(_offline_message(builder, dataset, e)) from e
+
+
+def _offline_message(builder: tfds.core.DatasetBuilder, dataset: str,
+                     error: Exception) -> str:
+  return (f"Could not download and prepare {dataset!r} into "
+          f"{os.fspath(builder.data_dir)!r} ({error}). Offline, point "
+          "`data_dir` (--config.data_dir=DIR) at a directory holding "
+          f"{dataset}/<version>/ prepared by tfds (e.g. copied from a machine "
+          "that ran it online), or run again with network access.")
+
+
+def _download_urls(builder: tfds.core.DatasetBuilder,
+                   dataset: str) -> Sequence[str]:
+  """The URLs tfds lists for `builder` (none when it lists no checksums)."""
+  try:
+    url_infos = builder.url_infos
+  except ModuleNotFoundError as e:
+    # tensorflow-datasets imports it here without requiring it on Python 3.9+.
+    if e.name != "importlib_resources":
+      raise
+    raise ImportError(
+        "tensorflow-datasets needs the `importlib_resources` package to "
+        f"download {dataset!r}, and it is not installed: `pip install "
+        "importlib_resources` (sonnet_vqvae's setup.py requires it).") from e
+  return sorted(url_infos or ())
+
+
+def check_reachable(urls: Sequence[str], *, timeout_s: float) -> None:
+  """Raises unless a TCP connection opens to the host of every URL.
+
+  Connects where `requests` would: to the proxy from the environment
+  (`https_proxy`, `all_proxy`, ... unless `no_proxy` matches) or to the host.
+  All hosts are tried at once, so the check takes at most about `timeout_s`
+  even when name resolution hangs. URLs other than http, https and ftp are
+  not checked.
+
+  Args:
+    urls: URLs that will be fetched.
+    timeout_s: seconds to wait for all connections.
+
+  Raises:
+    ConnectionError: naming each host that did not answer and why.
+  """
+  targets = {t for t in map(_connect_target, urls) if t is not None}
+  errors: Dict[Tuple[str, int], Optional[BaseException]] = {}
+
+  def connect(target):
+    try:
+      with socket.create_connection(target, timeout=timeout_s):
+        errors[target] = None
+    except OSError as e:
+      errors[target] = e
+
+  # Daemon threads: a name lookup that never returns must not block exit.
+  threads = [threading.Thread(target=connect, args=(t,), daemon=True)
+             for t in targets]
+  deadline = time.monotonic() + timeout_s
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join(max(0.0, deadline - time.monotonic()))
+  failures = []
+  for host, port in sorted(targets):
+    error = errors.get((host, port), TimeoutError(
+        f"no answer within {timeout_s:g} s"))
+    if error is not None:
+      failures.append(f"{host}:{port} ({error})")
+  if failures:
+    raise ConnectionError(f"cannot connect to {', '.join(failures)}")
+
+
+def _connect_target(url: str) -> Optional[Tuple[str, int]]:
+  """(host, port) a download of `url` connects to, or None to skip it."""
+  parts = urllib.parse.urlsplit(url)
+  if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+    return None
+  proxies = urllib.request.getproxies()
+  proxy = proxies.get(parts.scheme) or proxies.get("all")
+  if proxy and not urllib.request.proxy_bypass(parts.hostname):
+    # requests reads a proxy without a scheme as http://.
+    if "://" not in proxy:
+      proxy = "http://" + proxy
+    proxy_parts = urllib.parse.urlsplit(proxy)
+    if proxy_parts.hostname:
+      return proxy_parts.hostname, (proxy_parts.port or
+                                    _DEFAULT_PORTS.get(proxy_parts.scheme, 80))
+  return parts.hostname, parts.port or _DEFAULT_PORTS[parts.scheme]
+
+
+@contextlib.contextmanager
+def _removing_additions_on_error(root: str) -> Iterator[None]:
+  """Removes what appeared under `root` (and `root` if new) when the body fails.
+
+  Files and folders that existed before are never touched. Another process
+  writing under `root` at the same time could lose its new files.
+
+  Args:
+    root: the data directory tfds writes into.
+
+  Yields:
+    None.
+  """
+  # The topmost folder this call may create: tfds makes missing parents
+  # (left alone on remote file systems such as gs://).
+  created = root
+  if "://" not in root:
+    created = root = os.path.abspath(root)
+    while (os.path.dirname(created) != created and
+           not tf.io.gfile.exists(os.path.dirname(created))):
+      created = os.path.dirname(created)
+  before = _tree(root) if tf.io.gfile.exists(root) else None
+  try:
+    yield
+  except BaseException:
+    if before is None:
+      if tf.io.gfile.exists(created):
+        tf.io.gfile.rmtree(created)
+    else:
+      _remove_additions(root, before)
+    raise
+
+
+def _tree(root: str) -> Set[str]:
+  """Paths of every file and folder under `root`."""
+  paths = set()
+  for dirpath, dirnames, filenames in tf.io.gfile.walk(root):
+    paths.update(os.path.join(dirpath, name) for name in dirnames + filenames)
+  return paths
+
+
+def _remove_additions(root: str, before: Set[str]) -> None:
+  """Removes the paths under `root` that are not in `before`."""
+  removed = []
+  # Sorted, a new folder comes before its contents and is removed whole.
+  for path in sorted(_tree(root) - before):
+    if any(path.startswith(folder + os.sep) for folder in removed):
+      continue
+    if tf.io.gfile.isdir(path):
+      tf.io.gfile.rmtree(path)
+      removed.append(path)
+    else:
+      tf.io.gfile.remove(path)
+
+
+def image_spec(dataset: str, *, data_dir: Optional[str] = None
+               ) -> tf.TensorSpec:
+  """Shape and dtype of a tfds dataset's `image` feature, from its metadata.
+
+  Reads no examples: prepared datasets answer from their dataset_info.json,
+  others from their builder's code (also under `tfds.testing.mock_data`).
+
+  Args:
+    dataset: tfds dataset name.
+    data_dir: directory of prepared tfds datasets (tfds' default when None).
+
+  Returns:
+    TensorSpec of one image, e.g. [32, 32, 3] uint8 (None for a size that
+    varies between images).
+
+  Raises:
+    ValueError: when the dataset has no `image` tensor feature.
+  """
+  return _image_spec(tfds.builder(dataset, data_dir=data_dir), dataset)
+
+
+def _image_spec(builder: tfds.core.DatasetBuilder,
+                dataset: str) -> tf.TensorSpec:
+  features = builder.info.features
+  names = sorted(features.keys()) if hasattr(features, "keys") else []
+  if "image" not in names:
+    raise ValueError(
+        f"Dataset {dataset!r} has no `image` feature (it has {names}). "
+        f"The model takes {_model_takes()}; choose such a tfds dataset "
+        "(--config.dataset=NAME).")
+  image = features["image"]
+  if not isinstance(image.shape, tuple):
+    raise ValueError(
+        f"Dataset {dataset!r}'s `image` feature is {image}, not one tensor. "
+        f"The model takes {_model_takes()}.")
+  return tf.TensorSpec(image.shape, image.tf_dtype, name="image")
+
+
+def check_images(spec: tf.TensorSpec,
+                 *,
+                 dataset: str,
+                 downsample: int = MODEL_DOWNSAMPLE,
+                 channels: int = MODEL_CHANNELS) -> Tuple[int, int, int]:
+  """Checks that images of `spec` are what the model takes.
+
+  Args:
+    spec: one image, as from `image_spec`.
+    dataset: the dataset's name, for the error message.
+    downsample: factor by which the encoder shrinks H and W (the decoder
+      grows them back by it).
+    channels: image channels the decoder outputs.
+
+  Returns:
+    (H, W, C).
+
+  Raises:
+    ValueError: naming the dataset, its image shape and dtype and what the
+      model takes, unless the images are uint8 [H, W, channels] with H and W
+      divisible by `downsample`.
+  """
+  shape = tuple(spec.shape.as_list()) if spec.shape.rank is not None else None
+  if (spec.dtype != tf.uint8 or shape is None or len(shape) != 3 or
+      None in shape or shape[0] % downsample or shape[1] % downsample or
+      shape[2] != channels):
+    raise ValueError(
+        f"Dataset {dataset!r} has {spec.dtype.name} images of shape {shape}; "
+        f"the model takes {_model_takes(downsample, channels)}. Choose such a "
+        "tfds dataset (--config.dataset=NAME), or resize and convert its "
+        "images first.")
+  return shape
 
 
 def _scale(example):
@@ -54,7 +327,8 @@ def data_variance(ds: tf.data.Dataset) -> float:
   """Variance of all pixel values of `load_split` images, in [0, 1] scale.
 
   Computed in one streaming pass (float64 sums), so the split never has to
-  fit in memory. Shifting by 0.5 does not change the variance.
+  fit in memory; images may have any shape. Shifting by 0.5 does not change
+  the variance.
   """
   def add(acc, example):
     x = tf.cast(tf.reshape(example["image"], [-1]), tf.float64)
@@ -86,7 +360,7 @@ def train_dataset(ds: tf.data.Dataset,
       input pipeline then reads its own shard and yields per-replica batches.
 
   Returns:
-    Dataset of float32 [per_replica_batch, 32, 32, 3] images, drop_remainder.
+    Dataset of float32 [per_replica_batch, H, W, 3] images, drop_remainder.
   """
   batch_size = global_batch_size
   if input_context is not None:
