@@ -24,15 +24,21 @@ def plot_curves(history: Sequence[Mapping[str, float]], path: str) -> None:
                          (axes[1], "perplexity",
                           "Average codebook usage (perplexity)"),
                          (axes[2], "codes_used", "Codes used")):
-    ax.plot(steps, [row[key] for row in history], label="per batch")
+    ax.plot(steps, _values(history, key), label="per batch")
     ax.set_title(title)
     ax.set_xlabel("step")
   if all("codes_used_ema" in row for row in history):
-    axes[2].plot(steps, [row["codes_used_ema"] for row in history],
+    axes[2].plot(steps, _values(history, "codes_used_ema"),
                  label="in the last ~70 steps (usage EMA)")
     axes[2].legend()
   axes[0].set_yscale("log")
   fig.savefig(path)
+
+
+def _values(history: Sequence[Mapping[str, float]], key: str) -> np.ndarray:
+  # Non-finite metrics are logged as null; they plot as gaps.
+  return np.array([np.nan if row.get(key) is None else row[key]
+                   for row in history], np.float64)
 
 
 def _grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -87,30 +93,44 @@ def plot_image_grid(images: np.ndarray, path: str, title: str) -> None:
 
 
 def project_codebook(embeddings: np.ndarray) -> np.ndarray:
-  """PCA of the codes: [D, K] embeddings -> [K, 2] coordinates (top 2 axes)."""
+  """PCA of the codes: [D, K] embeddings -> [K, 2] coordinates (top 2 axes).
+
+  With fewer than 2 axes of variation (D = 1, K = 1) the missing coordinates
+  are 0.
+  """
   codes = np.asarray(embeddings, np.float64).T
   centred = codes - codes.mean(axis=0)
   _, _, vt = np.linalg.svd(centred, full_matrices=False)
-  return centred @ vt[:2].T
+  xy = centred @ vt[:2].T
+  return np.pad(xy, [(0, 0), (0, 2 - xy.shape[1])])
 
 
 def plot_codebook(embeddings: np.ndarray, usage: np.ndarray,
                   path: str) -> None:
   """2-D PCA projection of the codebook, coloured and sized by usage.
 
+  Codes with non-finite entries are left out of the projection and counted
+  in the title.
+
   Args:
     embeddings: [D, K] codebook.
     usage: [K] how often each code was used (any non-negative scale).
     path: PNG file to write.
   """
-  xy = project_codebook(embeddings)
+  embeddings = np.asarray(embeddings, np.float64)
+  finite = np.isfinite(embeddings).all(axis=0)
   usage = np.asarray(usage, np.float64)
   share = usage / max(usage.sum(), 1e-12)
   fig = figure.Figure(figsize=(7, 6))
   ax = fig.subplots()
-  points = ax.scatter(xy[:, 0], xy[:, 1], c=share, s=5 + 2000 * share,
-                      cmap="viridis")
-  fig.colorbar(points, ax=ax, label="share of test vectors")
-  ax.set_title(f"Codebook (PCA), {int((usage > 0).sum())}/{len(usage)} "
-               "codes used")
+  if finite.any():
+    xy = project_codebook(embeddings[:, finite])
+    points = ax.scatter(xy[:, 0], xy[:, 1], c=share[finite],
+                        s=5 + 2000 * share[finite], cmap="viridis")
+    fig.colorbar(points, ax=ax, label="share of test vectors")
+  title = (f"Codebook (PCA), {int((usage > 0).sum())}/{len(usage)} "
+           "codes used")
+  if not finite.all():
+    title += f", {int((~finite).sum())} non-finite codes not shown"
+  ax.set_title(title)
   fig.savefig(path)

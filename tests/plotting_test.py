@@ -33,6 +33,36 @@ class PlottingTest(absltest.TestCase):
         np.sort(np.linalg.eigvalsh(np.cov(centred.T, bias=True))[1:]),
         rtol=1e-6)
 
+  def test_projection_of_degenerate_codebooks(self):
+    # D = 1 and K = 1 leave fewer than two axes of variation.
+    np.testing.assert_allclose(
+        plotting.project_codebook(np.array([[1.0, 2.0, 4.0]])),
+        [[-4 / 3, 0], [-1 / 3, 0], [5 / 3, 0]], atol=1e-12)
+    np.testing.assert_allclose(
+        plotting.project_codebook(np.ones([3, 1])), [[0, 0]])
+
+  def test_codebook_figure_of_degenerate_and_non_finite_codes(self):
+    with tempfile.TemporaryDirectory() as workdir:
+      for i, (codes, usage) in enumerate([
+          (np.ones([1, 5]), np.arange(5)),
+          (np.ones([4, 1]), np.ones(1)),
+          (np.array([[1.0, np.nan, 2.0], [0.0, 1.0, np.inf]]), np.ones(3)),
+          (np.full([2, 2], np.nan), np.zeros(2))]):
+        path = os.path.join(workdir, f"{i}.png")
+        plotting.plot_codebook(codes, usage, path)
+        with open(path, "rb") as f:
+          self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+  def test_curves_with_null_metrics(self):
+    with tempfile.TemporaryDirectory() as workdir:
+      path = os.path.join(workdir, "curves.png")
+      plotting.plot_curves(
+          [{"step": 1, "recon_error": 1.0, "perplexity": None,
+            "codes_used": 2},
+           {"step": 2, "recon_error": 0.5, "perplexity": 3.0,
+            "codes_used": 3}], path)
+      self.assertTrue(os.path.getsize(path) > 0)
+
   def test_writes_pngs(self):
     with tempfile.TemporaryDirectory() as workdir:
       paths = [os.path.join(workdir, f"{n}.png") for n in "abcd"]
