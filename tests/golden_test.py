@@ -27,7 +27,7 @@ _RTOL, _ATOL = 1e-5, 1e-6
 
 
 def _restore(name):
-  """(model, optimizer, checkpoint, expected) with the golden `name` restored."""
+  """(model, optimizer, checkpoint, expected npz) of the restored golden."""
   directory = os.path.join(_GOLDEN_DIR, name)
   with np.load(os.path.join(directory, "expected.npz")) as npz:
     expected = dict(npz)
