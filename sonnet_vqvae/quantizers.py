@@ -12,10 +12,12 @@ the reference they
 * derive counts and summed inputs from the indices (segment sums) instead of an
   `[N, K]` one-hot matmul, and search large codebooks in chunks;
 * offer codebook-health options, all off by default: a usage EMA with metrics,
-  dead-code restarts, k-means initialisation and l2-normalised (cosine) codes.
+  dead-code restarts, k-means initialisation and l2-normalised (cosine) codes;
+* leave non-finite input vectors out of every statistic, so that one NaN or Inf
+  never reaches the codebook (they are counted in `nonfinite_inputs`).
 """
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import sonnet as snt
 import tensorflow as tf
@@ -40,6 +42,121 @@ def replica_consistent_variables(next_creator, **kwargs):
   if kwargs.get("trainable") is False:
     kwargs["synchronization"] = tf.VariableSynchronization.ON_READ
   return next_creator(**kwargs)
+
+
+class ExponentialMovingAverage(snt.Module):
+  """Debiased exponential moving average, as `snt.ExponentialMovingAverage`.
+
+  The same variables, update order and arithmetic as Sonnet 2.0.2's module, so
+  both compute identical values and read each other's checkpoints; on top of
+  it, an update can be skipped (`apply_if`) and chosen entries reset
+  (`reset_where`). Starting from hidden = 0, each update of `value` computes
+
+      counter += 1
+      hidden -= (hidden - value) * (1 - decay)
+      average = hidden / (1 - decay^counter)
+
+  Attributes:
+    decay: the decay, a float or a scalar tensor of the values' dtype.
+    average: variable, the debiased average; None until `initialize`.
+  """
+
+  def __init__(self, decay: Union[float, tf.Tensor],
+               name: Optional[str] = None):
+    """Constructs the moving average.
+
+    Args:
+      decay: values close to 1 decay slowly, close to 0 track the inputs.
+        With float64 values pass a float64 tensor: a Python float meets them
+        as float32 inside tf.function.
+      name: module name.
+    """
+    super().__init__(name=name)
+    self.decay = decay
+    # Sonnet's attribute names: they are the variables' checkpoint keys.
+    self._counter = tf.Variable(0, trainable=False, dtype=tf.int64,
+                                name="counter")
+    self._hidden = None
+    self.average = None
+
+  @snt.once
+  def initialize(self, value: tf.Tensor) -> None:
+    """Creates the zero state of `value`'s shape and dtype (first call only)."""
+    self._hidden = tf.Variable(tf.zeros_like(value), trainable=False,
+                               name="hidden")
+    self.average = tf.Variable(tf.zeros_like(value), trainable=False,
+                               name="average")
+
+  @property
+  def counter(self) -> tf.Variable:
+    """int64 scalar variable, the number of updates since the last reset."""
+    return self._counter
+
+  @property
+  def hidden(self) -> Optional[tf.Variable]:
+    """The biased state, average * (1 - decay^counter); None until created."""
+    return self._hidden
+
+  def update(self, value: tf.Tensor,
+             apply_if: Optional[tf.Tensor] = None) -> None:
+    """Folds `value` into the average.
+
+    Args:
+      value: tensor of the average's shape and dtype (the first call creates
+        the state from it).
+      apply_if: optional scalar bool; when False nothing changes (counter
+        included), as if this update had not happened.
+    """
+    self.initialize(value)
+    value = tf.convert_to_tensor(value)
+
+    def unless_skipped(new, old):
+      # tf.where, not tf.cond: MirroredStrategy cannot sync assignments
+      # inside control flow.
+      return new if apply_if is None else tf.where(apply_if, new, old)
+
+    counter = self.counter + 1
+    hidden = self.hidden - (self.hidden - value) * (1 - self.decay)
+    average = hidden / (1. - tf.pow(self.decay, tf.cast(counter, value.dtype)))
+    self.counter.assign(unless_skipped(counter, self.counter))
+    self.hidden.assign(unless_skipped(hidden, self.hidden))
+    self.average.assign(unless_skipped(average, self.average))
+
+  def __call__(self, value: tf.Tensor,
+               apply_if: Optional[tf.Tensor] = None) -> tf.Tensor:
+    """`update(value, apply_if)`, then returns the average."""
+    self.update(value, apply_if)
+    return self.value
+
+  @property
+  def value(self) -> tf.Tensor:
+    """The current average."""
+    return self.average.read_value()
+
+  def reset(self) -> None:
+    """Forgets every value: counter, hidden and average back to zero."""
+    self.counter.assign(tf.zeros_like(self.counter))
+    self.hidden.assign(tf.zeros_like(self.hidden))
+    self.average.assign(tf.zeros_like(self.average))
+
+  def reset_where(self, mask: tf.Tensor, value: tf.Tensor) -> None:
+    """Sets the average to `value` where `mask` is True, keeping the counter.
+
+    The reset entries' hidden state becomes value * (1 - decay^counter), so
+    the next update blends the new value into `value` as into an average of
+    `counter` updates. Before the first update (counter 0) only the average
+    is set: the first update replaces it.
+
+    Args:
+      mask: bool tensor broadcastable to the average's shape.
+      value: tensor broadcastable to the average's shape.
+    """
+    dtype = self.average.dtype
+    value = tf.cast(value, dtype)
+    debias = 1 - tf.pow(tf.cast(self.decay, dtype),
+                        tf.cast(self.counter, dtype))
+    self.hidden.assign(tf.where(mask, value * debias, self.hidden))
+    self.average.assign(tf.where(mask, value, self.average))
 
 
 def _replica_context() -> Optional[tf.distribute.ReplicaContext]:
@@ -95,12 +212,14 @@ def _nearest_codes_chunked(flat_inputs: tf.Tensor, codebook: tf.Tensor,
   return tf.reshape(indices, [-1])[:num_inputs]
 
 
-def _kmeans(points: tf.Tensor, num_clusters: int, num_iters: int,
-            seed: tf.Tensor) -> tf.Tensor:
-  """Lloyd's k-means with k-means++ seeding.
+def _kmeans(points: tf.Tensor, valid: tf.Tensor, num_clusters: int,
+            num_iters: int, seed: tf.Tensor) -> tf.Tensor:
+  """Lloyd's k-means with k-means++ seeding, of the `valid` points only.
 
   Args:
-    points: [M, D] float tensor, M > 0.
+    points: [M, D] float tensor.
+    valid: [M] bool, the points to cluster (at least one); the others (e.g.
+      non-finite) are never chosen as centres nor averaged into one.
     num_clusters: K, the number of centres.
     num_iters: number of Lloyd iterations after seeding.
     seed: int32 [2] seed of the stateless random ops (the same seed gives the
@@ -109,16 +228,22 @@ def _kmeans(points: tf.Tensor, num_clusters: int, num_iters: int,
   Returns:
     [D, K] centres (columns), in the codebook layout.
   """
-  num_points = tf.shape(points)[0]
-  first = tf.random.stateless_uniform([], seed, maxval=num_points, dtype=tf.int32)
+  num_valid = tf.reduce_sum(tf.cast(valid, tf.int32))
+  # valid_rows[i] is the row of the i-th valid point: the draws below pick
+  # what they pick in the batch of the valid points alone.
+  valid_rows = tf.argsort(tf.cast(~valid, tf.int32), stable=True)
+  first = valid_rows[tf.random.stateless_uniform(
+      [], seed, maxval=num_valid, dtype=tf.int32)]
   centres = tf.tensor_scatter_nd_update(
       tf.zeros([num_clusters, points.shape[1]], points.dtype), [[0]],
       points[first][None])
   min_sq_dist = tf.reduce_sum((points - points[first])**2, axis=1)
+  never = tf.constant(float("-inf"), points.dtype)
 
   def seed_next(k, centres, min_sq_dist):
-    # k-means++: the next centre is drawn with probability proportional to D(x)^2.
-    logits = tf.math.log(min_sq_dist + 1e-12)[None]
+    # k-means++: the next centre is drawn with probability proportional to
+    # D(x)^2; invalid points with probability 0.
+    logits = tf.where(valid, tf.math.log(min_sq_dist + 1e-12), never)[None]
     pick = tf.random.stateless_categorical(
         logits, 1, seed + tf.stack([k, 0]), dtype=tf.int32)[0, 0]
     centres = tf.tensor_scatter_nd_update(centres, [[k]], points[pick][None])
@@ -131,9 +256,12 @@ def _kmeans(points: tf.Tensor, num_clusters: int, num_iters: int,
   def lloyd_step(i, centres):
     assignment = tf.argmin(
         _squared_distances(points, tf.transpose(centres)), axis=1)
-    sums = tf.math.unsorted_segment_sum(points, assignment, num_clusters)
+    # Invalid points go to an extra segment, dropped.
+    segments = tf.where(valid, assignment, num_clusters)
+    sums = tf.math.unsorted_segment_sum(points, segments,
+                                        num_clusters + 1)[:num_clusters]
     counts = tf.math.unsorted_segment_sum(
-        tf.ones([num_points], points.dtype), assignment, num_clusters)
+        tf.cast(valid, points.dtype), segments, num_clusters + 1)[:num_clusters]
     # An empty cluster keeps its centre rather than collapsing to the origin.
     means = sums / tf.maximum(counts, 1)[:, None]
     return i + 1, tf.where(counts[:, None] > 0, means, centres)
@@ -193,9 +321,17 @@ class _Quantizer(snt.Module):
   def _create_statistics(self, dtype: tf.DType) -> None:
     """Creates the variables the subclass updates (inside the creator scope)."""
 
-  def _update_codebook(self, flat_inputs: tf.Tensor, indices: tf.Tensor,
-                       counts: tf.Tensor) -> None:
-    """Subclass hook: updates the codebook from the global batch statistics."""
+  def _update_codebook(self, flat_inputs: tf.Tensor, segments: tf.Tensor,
+                       counts: tf.Tensor, apply_if: tf.Tensor) -> None:
+    """Subclass hook: updates the codebook from the global batch statistics.
+
+    Args:
+      flat_inputs: [N, D] this replica's vectors.
+      segments: [N] their codes, num_embeddings for the non-finite ones.
+      counts: [K] global count of the finite vectors of each code.
+      apply_if: scalar bool, False when the global batch has no finite
+        vector: then nothing may change.
+    """
 
   def _reset_statistics(self, restarted: tf.Tensor, new_codes: tf.Tensor) -> None:
     """Subclass hook: statistics of the `restarted` [K] codes, now `new_codes`."""
@@ -233,6 +369,17 @@ class _Quantizer(snt.Module):
       is_training: whether to update the codebook statistics (EMA, usage,
         restarts, k-means initialisation).
 
+    Non-finite input vectors (any NaN or +-Inf component) are left out of
+    every statistic: code counts and summed vectors of the EMA, the usage EMA,
+    `perplexity` and `codes_used`, dead-code restarts and k-means (never drawn
+    as new codes). The state after a training step is the one the batch
+    without them gives (restarts and k-means included where the stateless
+    random draws do not depend on the batch size, as on CPU). A step whose
+    global batch holds no finite vector (all non-finite, or empty) changes no
+    state at all. Such a vector gets code 0 in `encoding_indices` and
+    `encodings`, non-finite `distances`, a non-finite `quantize` row and
+    `loss`, so that a caller's non-finite guard sees it.
+
     Returns:
       dict with
         quantize: inputs' shape and dtype, the quantized inputs with a
@@ -247,6 +394,7 @@ class _Quantizer(snt.Module):
         codes_used_ema: int32 scalar, codes whose usage EMA is at least
           (1 - usage_decay) / 2 vectors per step: roughly, codes used at least
           once in the last ln(2) / (1 - usage_decay) training steps.
+        nonfinite_inputs: int32 scalar, non-finite vectors in the global batch.
     """
     inputs = tf.convert_to_tensor(inputs)
     self._check_inputs(inputs)
@@ -255,9 +403,10 @@ class _Quantizer(snt.Module):
                           compute_dtype)
     if self.cosine:
       flat_inputs = tf.math.l2_normalize(flat_inputs, axis=1)
+    finite = tf.reduce_all(tf.math.is_finite(flat_inputs), axis=1)
 
     if is_training and (self.kmeans_init or self.dead_code_threshold > 0):
-      self._maintain_codebook(flat_inputs)
+      self._maintain_codebook(flat_inputs, finite)
 
     codebook = self._codebook(compute_dtype)
     distances = _squared_distances(flat_inputs, codebook)
@@ -271,22 +420,29 @@ class _Quantizer(snt.Module):
           max(1, _CHUNK_ELEMENTS // self.num_embeddings))
     else:
       flat_indices = tf.argmin(distances, axis=1)
-
-    counts = _sum_over_replicas(tf.math.unsorted_segment_sum(
-        tf.ones_like(flat_indices, tf.float32), flat_indices,
-        self.num_embeddings))
+    # The argmin of NaN distances is unspecified: code 0 instead.
+    zeros = tf.zeros_like(flat_indices)
+    flat_indices = tf.where(finite, flat_indices, zeros)
+    # Segment K, past the codes, collects the non-finite vectors: the segment
+    # sums leave them out and count them at no extra cost.
+    segments = tf.where(finite, flat_indices, zeros + self.num_embeddings)
+    histogram = _sum_over_replicas(tf.math.unsorted_segment_sum(
+        tf.ones_like(segments, tf.float32), segments, self.num_embeddings + 1))
+    counts = histogram[:self.num_embeddings]
+    num_finite = tf.reduce_sum(counts)
     encoding_indices = tf.reshape(flat_indices, tf.shape(inputs)[:-1])
     quantized = self._lookup(encoding_indices, codebook)
     target = tf.reshape(flat_inputs, tf.shape(quantized))
 
     if is_training:
-      self._update_codebook(flat_inputs, flat_indices, counts)
-      self._update_usage(counts)
+      has_data = num_finite > 0
+      self._update_codebook(flat_inputs, segments, counts, has_data)
+      self._update_usage(counts, has_data)
     loss = self._loss(target, quantized)
 
     # Straight Through Estimator
     quantized = target + tf.stop_gradient(quantized - target)
-    avg_probs = counts / tf.maximum(tf.reduce_sum(counts), 1.)
+    avg_probs = counts / tf.maximum(num_finite, 1.)
     perplexity = tf.exp(-tf.reduce_sum(avg_probs * tf.math.log(avg_probs + 1e-10)))
     return {
         "quantize": tf.cast(quantized, inputs.dtype),
@@ -299,44 +455,57 @@ class _Quantizer(snt.Module):
         "codes_used": tf.math.count_nonzero(counts, dtype=tf.int32),
         "codes_used_ema": tf.math.count_nonzero(
             self.code_usage >= (1 - self.usage_decay) / 2, dtype=tf.int32),
+        "nonfinite_inputs": tf.cast(histogram[self.num_embeddings], tf.int32),
     }
 
   def _loss(self, inputs: tf.Tensor, quantized: tf.Tensor) -> tf.Tensor:
     """Scalar loss given the (flattened-compatible) inputs and their codes."""
     raise NotImplementedError
 
-  def _update_usage(self, counts: tf.Tensor) -> None:
+  def _update_usage(self, counts: tf.Tensor, apply_if: tf.Tensor) -> None:
     first_step = tf.equal(self.training_steps, 0)
     # The first step sets the EMA to the first histogram instead of biasing it
     # towards zero, which would declare every code dead.
-    self.code_usage.assign(tf.where(
+    usage = tf.where(
         first_step, counts,
-        self.usage_decay * self.code_usage + (1 - self.usage_decay) * counts))
-    self.training_steps.assign_add(1)
+        self.usage_decay * self.code_usage + (1 - self.usage_decay) * counts)
+    self.code_usage.assign(tf.where(apply_if, usage, self.code_usage))
+    self.training_steps.assign_add(tf.cast(apply_if, tf.int64))
 
-  def _maintain_codebook(self, flat_inputs: tf.Tensor) -> None:
-    """k-means initialisation on the first step, then dead-code restarts."""
-    has_points = tf.shape(flat_inputs)[0] > 0
+  def _maintain_codebook(self, flat_inputs: tf.Tensor,
+                         finite: tf.Tensor) -> None:
+    """k-means initialisation on the first step, then dead-code restarts.
+
+    Both draw from the `finite` [N] rows of the [N, D] `flat_inputs` only,
+    and do nothing without one.
+    """
+    has_points = tf.reduce_any(finite)
     seed = tf.stack([tf.constant(self._seed, tf.int32),
                      tf.cast(self.training_steps, tf.int32)])
     first_step = tf.equal(self.training_steps, 0)
     codebook = tf.cast(self.embeddings, flat_inputs.dtype)
-    # New codes come from replica 0's batch and are broadcast once, so all
-    # replicas make the same choice. Variables are assigned outside tf.cond
-    # because MirroredStrategy cannot sync an assignment inside control flow.
+    # Variables are assigned outside tf.cond because MirroredStrategy cannot
+    # sync an assignment inside control flow.
     if self.kmeans_init:
       codebook = tf.cond(
           first_step & has_points,
-          lambda: _kmeans(flat_inputs, self.num_embeddings, self.kmeans_iters,
-                          seed),
+          lambda: _kmeans(flat_inputs, finite, self.num_embeddings,
+                          self.kmeans_iters, seed),
           lambda: codebook)
+    dead = tf.zeros([self.num_embeddings], tf.bool)
     if self.dead_code_threshold > 0:
       dead = (self.code_usage < self.dead_code_threshold) & ~first_step
-      restarted = tf.cond(tf.reduce_any(dead) & has_points,
-                          lambda: self._random_points(flat_inputs, seed),
-                          lambda: codebook)
+      dead &= has_points
+      restarted = tf.cond(
+          tf.reduce_any(dead),
+          lambda: self._random_points(flat_inputs, finite, seed),
+          lambda: codebook)
       codebook = tf.where(dead[None], restarted, codebook)
-    codebook = _broadcast_from_first_replica(codebook)
+    # New codes come from replica 0's batch: its codebook and restart mask
+    # (the last row), broadcast once, make every replica's choice.
+    merged = _broadcast_from_first_replica(
+        tf.concat([codebook, tf.cast(dead, codebook.dtype)[None]], axis=0))
+    codebook, dead = merged[:-1], merged[-1] > 0
     if self.dead_code_threshold > 0:
       # A grace period of ~ln(2) / (1 - usage_decay) steps before the next
       # restart of the same code.
@@ -345,21 +514,37 @@ class _Quantizer(snt.Module):
       self._reset_statistics(dead, codebook)
     self.embeddings.assign(tf.cast(codebook, self.embeddings.dtype))
 
-  def _random_points(self, points: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """[D, K] distinct random vectors of the [M, D] `points` (M > 0)."""
-    num_points = tf.shape(points)[0]
-    order = tf.argsort(tf.random.stateless_uniform([num_points], seed))
+  def _random_points(self, points: tf.Tensor, valid: tf.Tensor,
+                     seed: tf.Tensor) -> tf.Tensor:
+    """[D, K] distinct random rows of the [M, D] `points` where `valid` [M].
+
+    The choice is the one of the batch of the valid rows alone (at least one).
+    """
+    num_valid = tf.reduce_sum(tf.cast(valid, tf.int32))
+    keys = tf.random.stateless_uniform([tf.shape(points)[0]], seed)
+    # The i-th valid row gets the i-th key; invalid rows sort last (keys < 1).
+    rank = tf.maximum(tf.cumsum(tf.cast(valid, tf.int32)) - 1, 0)
+    keys = tf.where(valid, tf.gather(keys, rank), 2.)
+    order = tf.argsort(keys)
     # With fewer points than codes, points are reused in the same random order.
-    picks = tf.gather(order, tf.range(self.num_embeddings) % num_points)
+    picks = tf.gather(order, tf.range(self.num_embeddings) % num_valid)
     return tf.transpose(tf.gather(points, picks))
 
   def quantize(self, encoding_indices: tf.Tensor) -> tf.Tensor:
     """Returns the codebook vectors [..., embedding_dim] of integer indices.
 
+    An index outside [0, num_embeddings) raises InvalidArgumentError eagerly
+    and in graphs. XLA (tf.function(jit_compile=True)) compiles assertions
+    out: there such an index gives a vector of NaNs instead, never another
+    code's vector.
+
     Raises:
-      tf.errors.InvalidArgumentError: if an index is outside [0, num_embeddings).
+      tf.errors.InvalidArgumentError: if an index is outside [0, num_embeddings)
+        (not under XLA, see above).
     """
     encoding_indices = tf.convert_to_tensor(encoding_indices)
+    in_range = ((encoding_indices >= 0) &
+                (encoding_indices < self.num_embeddings))
     checks = [
         tf.debugging.assert_non_negative(
             encoding_indices, message="quantize: negative code index"),
@@ -370,8 +555,11 @@ class _Quantizer(snt.Module):
                     f"{self.num_embeddings}"),
     ]
     with tf.control_dependencies(checks):
-      return self._lookup(encoding_indices,
-                          self._codebook(self.embeddings.dtype))
+      vectors = self._lookup(
+          tf.where(in_range, encoding_indices, tf.zeros_like(encoding_indices)),
+          self._codebook(self.embeddings.dtype))
+    return tf.where(in_range[..., None], vectors,
+                    tf.constant(float("nan"), vectors.dtype))
 
   def _lookup(self, encoding_indices: tf.Tensor,
               codebook: tf.Tensor) -> tf.Tensor:
@@ -465,8 +653,8 @@ class VectorQuantizerEMA(_Quantizer):
     decay: decay of the moving averages.
     epsilon: Laplace smoothing constant of the cluster sizes.
     embeddings: [D, K] non-trainable codebook variable.
-    ema_cluster_size: `snt.ExponentialMovingAverage` of the [K] code counts.
-    ema_dw: `snt.ExponentialMovingAverage` of the [D, K] summed inputs.
+    ema_cluster_size: `ExponentialMovingAverage` of the [K] code counts.
+    ema_dw: `ExponentialMovingAverage` of the [D, K] summed inputs.
     code_usage: [K] EMA of the vectors per training step assigned to each code.
   """
 
@@ -525,20 +713,22 @@ class VectorQuantizerEMA(_Quantizer):
 
   def _create_statistics(self, dtype):
     # A typed decay: a Python float meets float64 statistics as float32 inside
-    # tf.function, which breaks the stock module in float64.
+    # tf.function.
     decay = tf.constant(self.decay, dtype)
-    self.ema_cluster_size = snt.ExponentialMovingAverage(
+    self.ema_cluster_size = ExponentialMovingAverage(
         decay=decay, name="ema_cluster_size")
     self.ema_cluster_size.initialize(tf.zeros([self.num_embeddings], dtype))
-    self.ema_dw = snt.ExponentialMovingAverage(decay=decay, name="ema_dw")
+    self.ema_dw = ExponentialMovingAverage(decay=decay, name="ema_dw")
     self.ema_dw.initialize(self.embeddings)
 
-  def _update_codebook(self, flat_inputs, indices, counts):
+  def _update_codebook(self, flat_inputs, segments, counts, apply_if):
     dtype = self.embeddings.dtype
-    dw = _sum_over_replicas(tf.transpose(tf.math.unsorted_segment_sum(
-        flat_inputs, indices, self.num_embeddings)))
-    cluster_size = self.ema_cluster_size(tf.cast(counts, dtype))
-    updated_dw = self.ema_dw(tf.cast(dw, dtype))
+    # The extra segment of the non-finite vectors is dropped.
+    dw = tf.math.unsorted_segment_sum(flat_inputs, segments,
+                                      self.num_embeddings + 1)
+    dw = _sum_over_replicas(tf.transpose(dw[:self.num_embeddings]))
+    cluster_size = self.ema_cluster_size(tf.cast(counts, dtype), apply_if)
+    updated_dw = self.ema_dw(tf.cast(dw, dtype), apply_if)
     n = tf.reduce_sum(cluster_size)
     # Laplace smoothing keeps unused codes from dividing by zero.
     cluster_size = ((cluster_size + self.epsilon) /
@@ -546,26 +736,18 @@ class VectorQuantizerEMA(_Quantizer):
     # Codes without any statistics yet (only before the first non-empty
     # batch) keep their value instead of becoming 0 / 0.
     cluster_size = tf.reshape(cluster_size, [1, -1])
-    self.embeddings.assign(tf.where(cluster_size > 0, updated_dw / cluster_size,
+    self.embeddings.assign(tf.where(apply_if & (cluster_size > 0),
+                                    updated_dw / cluster_size,
                                     self.embeddings))
 
   def _reset_statistics(self, restarted, new_codes):
     # A restarted code starts as a cluster of `dead_code_threshold` vectors at
     # its new position, so this step's update moves it towards its new vectors
     # rather than back to where it died.
-    dtype = self.embeddings.dtype
-    size = tf.cast(self.dead_code_threshold, dtype)
-    for ema, value, mask in (
-        (self.ema_cluster_size, tf.fill([self.num_embeddings], size), restarted),
-        (self.ema_dw, size * tf.cast(new_codes, dtype), restarted[None])):
-      # pylint: disable=protected-access
-      # snt.ExponentialMovingAverage only resets all entries; `hidden` is its
-      # biased state, average = hidden / (1 - decay^counter).
-      debias = 1 - tf.pow(tf.cast(self.decay, dtype),
-                          tf.cast(ema._counter, dtype))
-      ema._hidden.assign(tf.where(mask, value * debias, ema._hidden))
-      # pylint: enable=protected-access
-      ema.average.assign(tf.where(mask, value, ema.average))
+    size = tf.cast(self.dead_code_threshold, self.embeddings.dtype)
+    self.ema_cluster_size.reset_where(restarted, size)
+    self.ema_dw.reset_where(restarted[None],
+                            size * tf.cast(new_codes, self.embeddings.dtype))
 
   def _loss(self, inputs, quantized):
     e_latent_loss = _mean_square(tf.stop_gradient(quantized) - inputs)

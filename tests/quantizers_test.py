@@ -1,5 +1,7 @@
 """Tests of sonnet_vqvae.quantizers against stock snt.nets and NumPy."""
 
+import os
+import tempfile
 from unittest import mock
 
 from absl.testing import absltest
@@ -27,6 +29,35 @@ def _make_pair(ema: bool, dtype=tf.float32, **options):
 
 def _inputs(shape, dtype=np.float32, seed=0):
   return tf.constant(np.random.RandomState(seed).randn(*shape).astype(dtype))
+
+
+def _make(ema: bool, num_embeddings=16, embedding_dim=4, **options):
+  if ema:
+    return quantizers.VectorQuantizerEMA(embedding_dim, num_embeddings, 0.25,
+                                         0.9, **options)
+  return quantizers.VectorQuantizer(embedding_dim, num_embeddings, 0.25,
+                                    **options)
+
+
+def _state(vq):
+  """Every variable's value, by name."""
+  return {v.name: v.numpy() for v in vq.variables}
+
+
+def _assert_same_state(actual, expected):
+  test = absltest.TestCase()
+  test.assertEqual(sorted(actual), sorted(expected))
+  for name, value in expected.items():
+    np.testing.assert_array_equal(actual[name], value, err_msg=name)
+
+
+def _with_nonfinite_rows(batch, rows=(0, 5, 9)):
+  """`batch` [N, D] with NaN, +Inf and -Inf rows inserted before `rows`."""
+  bad = np.zeros([3, batch.shape[1]], batch.dtype)
+  bad[0, 1] = np.nan  # One NaN component is enough.
+  bad[1] = np.inf
+  bad[2, -1] = -np.inf
+  return np.insert(batch, rows, bad, axis=0)
 
 
 def _two_replica_strategy(strategy_class):
@@ -127,13 +158,16 @@ class BehaviourTest(parameterized.TestCase):
     self.assertEqual(vq.training_steps.numpy(), 1)
 
   @parameterized.parameters(False, True)
-  def test_zero_size_batch(self, ema):
+  def test_zero_size_batch_changes_nothing(self, ema):
     vq, _ = _make_pair(ema, dead_code_threshold=1.0, kmeans_init=True)
+    vq(_inputs([8, 4]), is_training=True)
+    before = _state(vq)
     out = vq(tf.zeros([0, 3, 4]), is_training=True)
     self.assertEqual(out["quantize"].shape, [0, 3, 4])
     self.assertEqual(out["loss"].numpy(), 0.)
     self.assertEqual(out["codes_used"].numpy(), 0)
-    self.assertTrue(np.all(np.isfinite(vq.embeddings.numpy())))
+    self.assertEqual(out["nonfinite_inputs"].numpy(), 0)
+    _assert_same_state(_state(vq), before)
 
   @parameterized.parameters(tf.bfloat16, tf.float16)
   def test_low_precision_inputs(self, dtype):
@@ -155,11 +189,243 @@ class BehaviourTest(parameterized.TestCase):
     np.testing.assert_array_equal(vq.quantize(indices),
                                   vq.embeddings.numpy().T[indices.numpy()])
 
-  @parameterized.parameters(-1, 16)
-  def test_quantize_rejects_out_of_range_indices(self, index):
+  @parameterized.product(index=[-1, 16], use_tf_function=[False, True])
+  def test_quantize_rejects_out_of_range_indices(self, index, use_tf_function):
     vq = quantizers.VectorQuantizer(4, 16, 0.25)
+    quantize = tf.function(vq.quantize) if use_tf_function else vq.quantize
     with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "code index"):
-      vq.quantize(tf.constant([0, index]))
+      quantize(tf.constant([0, index]))
+
+  @parameterized.parameters(tf.int32, tf.int64)
+  def test_quantize_under_xla_poisons_out_of_range_indices(self, dtype):
+    vq = quantizers.VectorQuantizer(4, 16, 0.25)
+    quantize = tf.function(vq.quantize, jit_compile=True)
+    vectors = quantize(tf.constant([[3, -1], [16, 15], [-7, 100]], dtype))
+    codes = vq.embeddings.numpy().T
+    np.testing.assert_array_equal(vectors[0, 0], codes[3])
+    np.testing.assert_array_equal(vectors[1, 1], codes[15])
+    for row, col in ((0, 1), (1, 0), (2, 0), (2, 1)):
+      self.assertTrue(np.all(np.isnan(vectors[row, col])), (row, col))
+
+
+class ExponentialMovingAverageTest(parameterized.TestCase):
+
+  @parameterized.product(dtype=[tf.float32, tf.float64],
+                         use_tf_function=[False, True])
+  def test_equals_sonnet_bit_for_bit(self, dtype, use_tf_function):
+    decay = tf.constant(0.9, dtype)
+    ours = quantizers.ExponentialMovingAverage(decay, name="ema")
+    stock = snt.ExponentialMovingAverage(decay, name="ema")
+    call = tf.function(ours.__call__) if use_tf_function else ours.__call__
+    for step in range(4):
+      value = _inputs([3, 2], dtype.as_numpy_dtype, seed=step)
+      np.testing.assert_array_equal(call(value), stock(value))
+    self.assertEqual(ours.counter.numpy(), 4)
+    self.assertEqual([v.name for v in ours.variables],
+                     [v.name for v in stock.variables])
+
+  def test_reads_and_writes_sonnet_checkpoints(self):
+    stock = snt.ExponentialMovingAverage(0.8)
+    ours = quantizers.ExponentialMovingAverage(0.8)
+    for ema in (stock, ours):
+      ema.initialize(tf.zeros([3]))
+    for step in range(2):
+      stock(_inputs([3], seed=step))
+    with tempfile.TemporaryDirectory() as directory:
+      path = tf.train.Checkpoint(ema=stock).write(
+          os.path.join(directory, "ckpt"))
+      tf.train.Checkpoint(ema=ours).read(path).assert_consumed()
+    # Equal averages from here on need equal counter and hidden state.
+    for step in range(2, 4):
+      value = _inputs([3], seed=step)
+      np.testing.assert_array_equal(ours(value), stock(value))
+
+  def test_apply_if_false_changes_nothing(self):
+    ema = quantizers.ExponentialMovingAverage(0.9)
+    reference = quantizers.ExponentialMovingAverage(0.9)
+    for step in range(3):
+      value = _inputs([4], seed=step)
+      ema(value, apply_if=tf.constant(True))
+      reference(value)
+      ema(value * 100, apply_if=tf.constant(False))
+      np.testing.assert_array_equal(ema.value, reference.value)
+      self.assertEqual(ema.counter.numpy(), step + 1)
+      np.testing.assert_array_equal(ema.hidden, reference.hidden)
+
+  def test_reset_where_sets_entries_and_blends_from_them(self):
+    decay = 0.75
+    ema = quantizers.ExponentialMovingAverage(decay)
+    for step in range(3):
+      ema(_inputs([4], seed=step))
+    before = ema.value.numpy()
+    mask = np.array([True, False, True, False])
+    ema.reset_where(tf.constant(mask), 5.)
+    np.testing.assert_allclose(ema.value, np.where(mask, 5., before))
+    np.testing.assert_allclose(
+        ema.hidden, np.where(mask, 5., before) * (1 - decay**3), rtol=1e-6)
+    value = _inputs([4], seed=9).numpy()
+    # The next update weighs the reset value as an average of 3 updates.
+    hidden = np.where(mask, 5., before) * (1 - decay**3)
+    hidden = hidden - (hidden - value) * (1 - decay)
+    np.testing.assert_allclose(ema(value), hidden / (1 - decay**4), rtol=1e-6)
+
+  def test_reset_forgets_everything(self):
+    ema = quantizers.ExponentialMovingAverage(0.5)
+    ema(tf.ones([2]))
+    ema.reset()
+    self.assertEqual(ema.counter.numpy(), 0)
+    np.testing.assert_array_equal(ema.hidden, [0., 0.])
+    np.testing.assert_array_equal(ema(tf.fill([2], 3.)), [3., 3.])
+
+
+class NonFiniteInputsTest(parameterized.TestCase):
+
+  @parameterized.product(
+      ema=[False, True],
+      options=[{}, dict(dead_code_threshold=0.5),
+               dict(kmeans_init=True, dead_code_threshold=0.5)],
+      use_tf_function=[False, True])
+  def test_state_equals_a_run_without_them(self, ema, options,
+                                           use_tf_function):
+    dirty, clean = _make(ema, **options), _make(ema, **options)
+    for vq in (dirty, clean):
+      # Collapsed far from the data, so that restarts happen.
+      vq.embeddings.assign(tf.zeros([4, 16]))
+    call_dirty, call_clean = (
+        (tf.function(vq.__call__) if use_tf_function else vq.__call__)
+        for vq in (dirty, clean))
+    for step in range(4):
+      batch = _inputs([24, 4], seed=step).numpy() + 10
+      out = call_dirty(tf.constant(_with_nonfinite_rows(batch)),
+                       is_training=True)
+      expected = call_clean(tf.constant(batch), is_training=True)
+      _assert_same_state(_state(dirty), _state(clean))
+      self.assertEqual(out["nonfinite_inputs"], 3)
+      self.assertEqual(expected["nonfinite_inputs"], 0)
+      for key in ("perplexity", "codes_used", "codes_used_ema"):
+        self.assertEqual(out[key], expected[key], key)
+      indices = out["encoding_indices"].numpy()
+      np.testing.assert_array_equal(np.delete(indices, [0, 6, 11]),
+                                    expected["encoding_indices"])
+      np.testing.assert_array_equal(indices[[0, 6, 11]], 0)
+      self.assertTrue(np.isnan(out["loss"]))
+    for value in _state(dirty).values():
+      self.assertTrue(np.all(np.isfinite(value)))
+    if options:
+      self.assertGreaterEqual(expected["codes_used"], 8)  # Restarted codes.
+
+  @parameterized.product(
+      ema=[False, True],
+      options=[{}, dict(kmeans_init=True, dead_code_threshold=0.5)])
+  def test_an_all_nonfinite_batch_changes_nothing(self, ema, options):
+    vq = _make(ema, **options)
+    # Fewer vectors than codes: some codes are dead, yet none may restart.
+    vq(_inputs([4, 4]), is_training=True)
+    before = _state(vq)
+    batch = np.full([2, 5, 4], np.nan, np.float32)
+    batch[1, :, 2] = -np.inf
+    out = vq(tf.constant(batch), is_training=True)
+    _assert_same_state(_state(vq), before)
+    self.assertEqual(out["nonfinite_inputs"], 10)
+    self.assertEqual(out["codes_used"], 0)
+    self.assertEqual(out["perplexity"], 1.)
+    np.testing.assert_array_equal(out["encoding_indices"], 0)
+
+  def test_first_batch_all_nonfinite_keeps_kmeans_for_the_next(self):
+    vq = _make(True, kmeans_init=True)
+    initial = vq.embeddings.numpy()
+    vq(tf.fill([8, 4], np.nan), is_training=True)
+    np.testing.assert_array_equal(vq.embeddings, initial)
+    self.assertEqual(vq.training_steps, 0)
+    reference = _make(True, kmeans_init=True)
+    batch = _inputs([32, 4]) * 3
+    vq(batch, is_training=True)
+    reference(batch, is_training=True)
+    np.testing.assert_array_equal(vq.embeddings, reference.embeddings)
+
+  def test_replicas(self):
+    strategy = _two_replica_strategy(tf.distribute.MirroredStrategy)
+    with strategy.scope():
+      vq = quantizers.VectorQuantizerEMA(4, 16, 0.25, 0.9)
+      restarting = quantizers.VectorQuantizerEMA(
+          4, 16, 0.25, 0.9, dead_code_threshold=2.0, kmeans_init=True)
+    single = quantizers.VectorQuantizerEMA(4, 16, 0.25, 0.9)
+    single.embeddings.assign(
+        strategy.experimental_local_results(vq.embeddings)[0])
+    data = np.random.RandomState(0).randn(3, 2, 32, 4).astype(np.float32)
+    dirty = [[_with_nonfinite_rows(part) for part in batch] for batch in data]
+    # Replica 0's second batch is all NaN: restarts, which draw from replica
+    # 0's batch, must wait for one with finite vectors there.
+    dirty[1][0] = np.full([35, 4], np.nan, np.float32)
+
+    @tf.function
+    def step(inputs):
+      def replica_fn(x):
+        out = vq(x, is_training=True)
+        restarting(x, is_training=True)
+        return out["nonfinite_inputs"], out["codes_used"]
+      return strategy.run(replica_fn, args=(inputs,))
+
+    for i, batch in enumerate(dirty):
+      nonfinite, codes_used = step(
+          strategy.experimental_distribute_values_from_function(
+              lambda ctx, batch=batch: batch[ctx.replica_id_in_sync_group]))
+      finite = data[i].reshape(64, 4)[32:] if i == 1 else data[i].reshape(64, 4)
+      expected = single(tf.constant(finite), is_training=True)
+      for value in strategy.experimental_local_results(nonfinite):
+        self.assertEqual(value, 38 if i == 1 else 6)
+      for value in strategy.experimental_local_results(codes_used):
+        self.assertEqual(value, expected["codes_used"])
+    for quantizer in (vq, restarting):
+      first, second = strategy.experimental_local_results(quantizer.embeddings)
+      np.testing.assert_array_equal(first, second)
+      self.assertTrue(np.all(np.isfinite(first)))
+    np.testing.assert_allclose(
+        strategy.experimental_local_results(vq.embeddings)[0],
+        single.embeddings, rtol=1e-5, atol=1e-6)
+
+
+class SmallSizesTest(parameterized.TestCase):
+
+  @parameterized.product(ema=[False, True],
+                         options=[{}, dict(kmeans_init=True,
+                                           dead_code_threshold=0.5)])
+  def test_one_code(self, ema, options):
+    vq = _make(ema, num_embeddings=1, **options)
+    for step in range(3):
+      inputs = _inputs([10, 4], seed=step)
+      out = vq(inputs, is_training=True)
+      np.testing.assert_array_equal(out["encoding_indices"], 0)
+      self.assertEqual(out["codes_used"], 1)
+      np.testing.assert_allclose(out["perplexity"], 1.)
+    self.assertEqual(vq.embeddings.shape, [4, 1])
+    if ema:
+      # One cluster: with decay 0.9 the codebook is the debiased EMA of the
+      # batch means, weighted as batch sizes are equal.
+      means = np.stack([_inputs([10, 4], seed=s).numpy().mean(0)
+                        for s in range(3)])
+      weights = 0.9**np.arange(2, -1, -1)
+      np.testing.assert_allclose(vq.embeddings.numpy()[:, 0],
+                                 weights @ means / weights.sum(), rtol=1e-5,
+                                 atol=1e-6)
+    np.testing.assert_array_equal(vq.quantize(tf.constant([0, 0])),
+                                  vq.embeddings.numpy().T[[0, 0]])
+
+  @parameterized.product(ema=[False, True],
+                         options=[{}, dict(kmeans_init=True,
+                                           dead_code_threshold=0.5)])
+  def test_one_dimension(self, ema, options):
+    vq = _make(ema, embedding_dim=1, **options)
+    for step in range(3):
+      inputs = _inputs([40, 1], seed=step)
+      codebook = vq.embeddings.numpy()
+      out = vq(inputs, is_training=False)
+      np.testing.assert_array_equal(
+          out["encoding_indices"],
+          np.abs(inputs.numpy() - codebook).argmin(axis=1))
+      out = vq(inputs, is_training=True)
+      self.assertTrue(np.all(np.isfinite(vq.embeddings.numpy())))
+    self.assertEqual(vq.embeddings.shape, [1, 16])
 
 
 class ErrorsTest(parameterized.TestCase):
@@ -257,13 +523,16 @@ class CodebookHealthTest(parameterized.TestCase):
     self.assertEqual(used_without, 1)
     self.assertGreaterEqual(used_with, 12)
 
-  def test_restarts_work_under_xla(self):
+  def test_restarts_and_nonfinite_inputs_under_xla(self):
     vq = self._collapsed(True, dead_code_threshold=0.5, kmeans_init=True)
-    step = tf.function(lambda x: vq(x, is_training=True)["codes_used_ema"],
-                       jit_compile=True)
+    step = tf.function(lambda x: vq(x, is_training=True), jit_compile=True)
     for s in range(4):
-      used = step(_inputs([64, 4], seed=s) + 10)
-    self.assertGreaterEqual(used, 12)
+      batch = _with_nonfinite_rows(_inputs([64, 4], seed=s).numpy() + 10)
+      out = step(tf.constant(batch))
+      self.assertEqual(out["nonfinite_inputs"], 3)
+    self.assertGreaterEqual(out["codes_used_ema"], 12)
+    for value in _state(vq).values():
+      self.assertTrue(np.all(np.isfinite(value)))
 
   @parameterized.parameters(False, True)
   def test_kmeans_init_lowers_first_step_error(self, ema):
