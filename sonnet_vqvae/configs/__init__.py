@@ -25,7 +25,7 @@ def check_keys(config: config_dict.ConfigDict,
 def _unknown_key_message(key: str, reference: config_dict.ConfigDict,
                          prefix: str = "") -> str:
   valid = [prefix + k for k in reference.keys()]
-  nearest = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+  nearest = difflib.get_close_matches(key, valid, n=3, cutoff=0.75)
   hint = (f"did you mean {' or '.join(nearest)}?" if nearest else
           f"valid keys: {', '.join(sorted(valid))}.")
   return f"Unknown config key {key!r}: {hint}"
