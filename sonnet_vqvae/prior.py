@@ -10,11 +10,10 @@ New images are drawn by sampling code grids and decoding them.
   python -m sonnet_vqvae.prior --vqvae_workdir DIR --workdir DIR2 --mode=sample
 """
 
-import json
+import hashlib
 import math
 import os
-import time
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -25,9 +24,14 @@ import numpy as np
 import sonnet as snt
 import tensorflow as tf
 
+from sonnet_vqvae import configs
+from sonnet_vqvae import distribute
 from sonnet_vqvae import input_pipeline
+from sonnet_vqvae import loop
+from sonnet_vqvae import optim
 from sonnet_vqvae import pixelcnn
 from sonnet_vqvae import plotting
+from sonnet_vqvae import rundir
 from sonnet_vqvae import train
 from sonnet_vqvae.configs import prior as prior_config
 
@@ -35,8 +39,11 @@ FLAGS = flags.FLAGS
 
 CIFAR10_NUM_CLASSES = 10
 CIFAR10_IMAGE_DIMS = 32 * 32 * 3
-CONFIG_FILE = "prior_config.json"
-METRICS_FILE = "prior_metrics.json"
+# The prior's run files are the VQ-VAE's (see `loop`): run.json, eval.json.
+METRICS_FILE = loop.EVAL_FILE
+# The config keys of the model: its checkpoints depend on them.
+_MODEL_KEYS = ("hidden_channels", "num_layers", "kernel_size",
+               "class_conditional")
 
 
 def build_prior(config: ml_collections.ConfigDict,
@@ -143,104 +150,178 @@ def unigram_nll(train_codes: np.ndarray, test_codes: np.ndarray,
   return float(-log_probs[test_codes.ravel()].mean())
 
 
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError for a prior config that cannot work, before any work.
+
+  Unknown keys (typos; the error names the nearest valid ones), sizes,
+  steps and intervals that are not positive, a learning rate or temperature
+  that is not a positive finite number, an unknown strategy.
+  """
+  configs.check_keys(config, prior_config.get_config())
+  for key in ("hidden_channels", "num_layers", "kernel_size", "batch_size",
+              "num_steps", "log_every", "checkpoint_every",
+              "max_checkpoints_to_keep", "encode_batch_size",
+              "eval_batch_size", "num_samples"):
+    if not config[key] > 0:
+      raise ValueError(f"config.{key} must be positive, got {config[key]}.")
+  for key in ("learning_rate", "temperature"):
+    if not (math.isfinite(config[key]) and config[key] > 0):
+      raise ValueError(f"config.{key} must be a positive finite number, got "
+                       f"{config[key]}.")
+  distribute.check_strategy_name(config.strategy)
+
+
+def fingerprint(config: ml_collections.ConfigDict, num_embeddings: int,
+                code_shape: Sequence[int],
+                vqvae: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+  """What a prior's checkpoints depend on: its model and the codes it models.
+
+  Args:
+    config: the prior's config.
+    num_embeddings: K, the number of codes.
+    code_shape: [H, W] of a code grid.
+    vqvae: the VQ-VAE the codes come from (see `vqvae_provenance`), or None
+      for codes from elsewhere.
+  """
+  return {
+      "model": {key: config[key] for key in _MODEL_KEYS},
+      "num_embeddings": int(num_embeddings),
+      "code_shape": [int(n) for n in code_shape],
+      "vqvae": None if vqvae is None else dict(vqvae),
+  }
+
+
+def vqvae_provenance(vqvae: snt.Module, step: int) -> Dict[str, Any]:
+  """Identifies a trained VQ-VAE: its checkpoint step and codebook hash.
+
+  The hash tells two VQ-VAEs apart even when their configs, data and steps
+  agree (another seed) or when a workdir was moved.
+  """
+  codebook = np.ascontiguousarray(vqvae.quantizer.embeddings.numpy())
+  return {"step": int(step),
+          "codebook_sha256": hashlib.sha256(codebook.tobytes()).hexdigest()}
+
+
 def train_on_codes(config: ml_collections.ConfigDict,
                    train_data: Dict[str, np.ndarray],
                    test_data: Dict[str, np.ndarray], num_embeddings: int,
-                   workdir: str) -> Dict[str, float]:
+                   workdir: str,
+                   vqvae: Optional[Mapping[str, Any]] = None,
+                   metadata: Optional[Mapping[str, Any]] = None
+                   ) -> Dict[str, float]:
   """Fits the prior to code grids; checkpoints, resumes and evaluates.
+
+  Runs on `loop`'s machinery, as the VQ-VAE's training does: the workdir is
+  locked, a resume must match the stored run, rows go to metrics.jsonl and
+  a non-finite loss stops training with the last good checkpoint kept.
 
   Args:
     config: a configs/prior.py config.
     train_data: {'codes': [N, H, W], 'labels': [N]} to train on.
     test_data: the same for evaluation.
     num_embeddings: K, the codebook size.
-    workdir: where checkpoints, the config and the metrics JSON
-      (METRICS_FILE) go; a run resumes from its latest checkpoint.
+    workdir: where checkpoints, run.json, metrics.jsonl and eval.json go; a
+      run resumes from its latest checkpoint.
+    vqvae: the VQ-VAE the codes come from (`vqvae_provenance`), part of the
+      run's fingerprint: a resume on other codes is an error.
+    metadata: more entries for run.json (e.g. the VQ-VAE's workdir).
 
   Returns:
     The `evaluate` metrics on test_data plus `step`,
     `unigram_nats_per_code` (see `unigram_nll`) and `train_nll_nats_per_code`
-    (mean over the last logging window; NaN when a finished run was resumed
-    and trained no further).
+    (mean over the last logged window), also written to workdir/eval.json.
 
   Raises:
-    ValueError: if the batch does not split evenly over the replicas.
-    RuntimeError: for a checkpoint in workdir that cannot be restored (it is
-      left untouched).
+    ValueError: for a bad config, or a batch that does not split evenly over
+      the replicas.
+    rundir.RunDirError: the workdir is in use, holds another run
+      (`rundir.FingerprintMismatch`) or checkpoints that cannot be restored.
+    FloatingPointError: for a non-finite loss or test metric.
   """
-  # The process's one Replicator, shared with `train`: a second strategy over
-  # the same devices would reuse its collective keys with other shapes.
-  strategy = train.make_strategy("replicator")
-  num_replicas = strategy.num_replicas_in_sync
-  if config.batch_size % num_replicas:
-    raise ValueError(f"batch_size {config.batch_size} does not split over "
-                     f"{num_replicas} replicas.")
-  with strategy.scope():
+  validate_config(config)
+  # The process's one strategy of this name, shared with `train`: a second
+  # strategy over the same devices would reuse its collective keys.
+  strategy = distribute.make_strategy(config.strategy)
+  distribute.check_batch_size(config.batch_size, strategy)
+  print_ = fingerprint(config, num_embeddings, train_data["codes"].shape[1:],
+                       vqvae)
+  run_dir, stored = loop.open_run(workdir, print_)
+  with run_dir:  # Releases the workdir's lock however training ends.
     tf.random.set_seed(config.seed)
-    model = build_prior(config, num_embeddings)
-    optimizer = train.Adam(config.learning_rate)
-    optimizer.build(model.trainable_variables)
-  step = tf.Variable(0, dtype=tf.int64, trainable=False)
-  checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
-  checkpoints = os.path.join(workdir, "checkpoints")
-  manager = tf.train.CheckpointManager(checkpoint, checkpoints, max_to_keep=3)
-  start = train.restore_checkpoint(checkpoint, checkpoints)
-  # Written once the workdir's checkpoint is known to fit this config.
-  tf.io.gfile.makedirs(workdir)
-  with tf.io.gfile.GFile(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    f.write(config.to_json(indent=2))
+    with strategy.scope(), tf.variable_creator_scope(
+        distribute.replica_consistent_variables):
+      model = build_prior(config, num_embeddings)
+      optimizer = optim.Adam(config.learning_rate)
+      optimizer.build(model.trainable_variables)
+    checkpoint = tf.train.Checkpoint(
+        model=model, optimizer=optimizer,
+        step=tf.Variable(0, dtype=tf.int64, trainable=False))
+    checkpoints = loop.checkpoints_of(run_dir, checkpoint, strategy,
+                                      config.max_checkpoints_to_keep)
+    start = loop.restore(run_dir, checkpoints, stored)
+    logging.info("Training the prior from step %d to %d on %d replica(s).",
+                 start, config.num_steps, strategy.num_replicas_in_sync)
 
-  # A fixed shuffle seed and skipping the steps already taken give a resumed
-  # run the same batches as an uninterrupted one.
-  dataset = (tf.data.Dataset.from_tensor_slices(train_data)
-             .shuffle(len(train_data["codes"]), seed=config.seed).repeat()
-             .batch(config.batch_size, drop_remainder=True).skip(start)
-             .prefetch(tf.data.AUTOTUNE))
-  batches = iter(strategy.experimental_distribute_dataset(dataset))
+    # A fixed shuffle seed and skipping the steps already taken give a
+    # resumed run the same batches as an uninterrupted one.
+    dataset = (tf.data.Dataset.from_tensor_slices(train_data)
+               .shuffle(len(train_data["codes"]), seed=config.seed).repeat()
+               .batch(config.batch_size, drop_remainder=True).skip(start)
+               .prefetch(tf.data.AUTOTUNE))
+    batches = iter(strategy.experimental_distribute_dataset(dataset))
+    train_step = _make_train_step(model, optimizer, strategy)
 
-  @tf.function
-  def train_step(batch):
-
-    def step_fn(codes, labels):
-      with tf.GradientTape() as tape:
-        loss = tf.reduce_mean(code_nll(model, codes, labels))
-      # Dense: Adam's moments are dense; the embedding's gradient is sparse.
-      grads = [tf.convert_to_tensor(g)
-               for g in tape.gradient(loss, model.trainable_variables)]
-      grads = tf.distribute.get_replica_context().all_reduce("mean", grads)
-      optimizer.apply(grads, model.trainable_variables)
-      return loss
-
-    losses = strategy.run(step_fn, args=(batch["codes"], batch["labels"]))
-    return strategy.reduce("mean", losses, axis=None)
-
-  window, window_start, train_nll = [], time.time(), float("nan")
-  for i in range(start + 1, config.num_steps + 1):
-    window.append(train_step(next(batches)))
-    last = i == config.num_steps
-    if i % config.log_every == 0 or last:
-      train_nll = float(np.mean(window))
-      steps_per_sec = len(window) / (time.time() - window_start)
-      logging.info("step %d/%d: train NLL %.4f nats/code, %.2f steps/s", i,
-                   config.num_steps, train_nll, steps_per_sec)
-      window, window_start = [], time.time()
-    if i % config.checkpoint_every == 0 or last:
-      step.assign(i)
-      manager.save(checkpoint_number=i)
-    if i % config.checkpoint_every == 0 and not last:
+    def validate(step):
       # The CIFAR-10 subset is small: watch the test NLL for overfitting.
-      logging.info("step %d: test NLL %.4f nats/code", i, evaluate(
+      logging.info("step %d: test NLL %.4f nats/code", step, evaluate(
           model, test_data, config.eval_batch_size)["nll_nats_per_code"])
 
-  metrics = evaluate(model, test_data, config.eval_batch_size)
-  metrics.update(
-      step=int(step.numpy()), train_nll_nats_per_code=train_nll,
-      unigram_nats_per_code=unigram_nll(train_data["codes"],
-                                        test_data["codes"], num_embeddings))
-  logging.info("Test: %s", metrics)
-  with tf.io.gfile.GFile(os.path.join(workdir, METRICS_FILE), "w") as f:
-    json.dump(metrics, f, indent=2)
+    loop.run(lambda: train_step(next(batches)), run_dir=run_dir,
+             checkpoints=checkpoints, start_step=start,
+             num_steps=config.num_steps, log_every=config.log_every,
+             checkpoint_every=config.checkpoint_every,
+             metadata={"config": config.to_dict(), **(metadata or {})},
+             fingerprint=print_,
+             describe=lambda row: f"train NLL {row['loss']:.4f} nats/code",
+             summary_prefix="prior", after_checkpoint=validate)
+    loop.remove_scratch(checkpoints)
+    if not run_dir.writer:
+      return {}
+    rows = run_dir.read_rows(loop.METRICS_FILE)
+    metrics = evaluate(model, test_data, config.eval_batch_size)
+    metrics.update(
+        step=max(start, config.num_steps),
+        train_nll_nats_per_code=rows[-1]["loss"] if rows else None,
+        unigram_nats_per_code=unigram_nll(
+            train_data["codes"], test_data["codes"], num_embeddings))
+    logging.info("Test: %s", metrics)
+    loop.write_eval(run_dir, metrics)
   return metrics
+
+
+def _make_train_step(model: pixelcnn.GatedPixelCNN, optimizer: optim.Adam,
+                     strategy: tf.distribute.Strategy):
+  """Returns step(batch) -> {'loss': mean NLL in nats/code over replicas}."""
+
+  def replica_step(codes, labels):
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_mean(code_nll(model, codes, labels))
+    # Dense: Adam's moments are dense; the embedding's gradient is sparse.
+    grads = [tf.convert_to_tensor(g)
+             for g in tape.gradient(loss, model.trainable_variables)]
+    context = tf.distribute.get_replica_context()
+    if context.num_replicas_in_sync > 1:
+      grads = context.all_reduce(tf.distribute.ReduceOp.MEAN, grads)
+    optimizer.apply(grads, model.trainable_variables)
+    return loss
+
+  @tf.function
+  def step(batch):
+    losses = strategy.run(replica_step,
+                          args=(batch["codes"], batch["labels"]))
+    return {"loss": strategy.reduce("mean", losses, axis=None)}
+
+  return step
 
 
 def _data_options(config: ml_collections.ConfigDict,
@@ -254,19 +335,34 @@ def _data_options(config: ml_collections.ConfigDict,
   }
 
 
+def _latest_vqvae_step(vqvae_workdir: str) -> int:
+  run_dir = rundir.RunDir(vqvae_workdir, writer=False)
+  step = rundir.Checkpoints(
+      tf.train.Checkpoint(), run_dir.path(loop.CHECKPOINT_DIR),
+      max_to_keep=1).latest_step()
+  if step is None:
+    raise FileNotFoundError(
+        f"No VQ-VAE checkpoint in {vqvae_workdir!r}: train one with "
+        "`python -m sonnet_vqvae.train --workdir DIR` first.")
+  return step
+
+
 def train_prior(config: ml_collections.ConfigDict, vqvae_workdir: str,
                 workdir: str) -> Dict[str, float]:
   """Encodes CIFAR-10 with a trained VQ-VAE and fits the prior to its codes.
 
   Args:
     config: a configs/prior.py config.
-    vqvae_workdir: workdir of a `train.train_and_evaluate` run.
+    vqvae_workdir: workdir of a `train.train_and_evaluate` run; its newest
+      checkpoint encodes the data, and the prior's run records which one.
     workdir: the prior's workdir (see `train_on_codes`).
 
   Returns:
-    The metrics of `train_on_codes`, also written to workdir/METRICS_FILE.
+    The metrics of `train_on_codes`, also written to workdir/eval.json.
   """
-  vqvae_config, vqvae = train.restore_model(vqvae_workdir)
+  validate_config(config)
+  step = _latest_vqvae_step(vqvae_workdir)
+  vqvae_config, vqvae = train.restore_model(vqvae_workdir, step)
   options = _data_options(config, vqvae_config)
   data = {
       split: encode_split(vqvae, split, batch_size=config.encode_batch_size,
@@ -275,26 +371,83 @@ def train_prior(config: ml_collections.ConfigDict, vqvae_workdir: str,
   logging.info("Encoded %d train and %d test images to %s code grids.",
                len(data["train"]["codes"]), len(data["test"]["codes"]),
                data["train"]["codes"].shape[1:])
-  return train_on_codes(config, data["train"], data["test"],
-                        vqvae_config.num_embeddings, workdir)
+  return train_on_codes(
+      config, data["train"], data["test"], vqvae_config.num_embeddings,
+      workdir, vqvae=vqvae_provenance(vqvae, step),
+      metadata={"vqvae_workdir": os.path.abspath(vqvae_workdir)})
 
 
-def restore_prior(workdir: str, num_embeddings: int
+def restore_prior(workdir: str, num_embeddings: Optional[int] = None
                   ) -> Tuple[ml_collections.ConfigDict, pixelcnn.GatedPixelCNN]:
-  """Rebuilds the prior from a workdir's saved config and latest checkpoint.
+  """Rebuilds the prior from a workdir's run.json and newest checkpoint.
+
+  Args:
+    workdir: a `train_on_codes` / `train_prior` run's workdir.
+    num_embeddings: K; None takes the run's.
 
   Raises:
-    FileNotFoundError: if workdir holds no prior config or checkpoint.
+    FileNotFoundError: if workdir holds no prior run or checkpoint.
+    rundir.RunDirError: if its checkpoint cannot be restored.
+    ValueError: if num_embeddings differs from the run's.
   """
-  config_path = os.path.join(workdir, CONFIG_FILE)
-  latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
-  if not tf.io.gfile.exists(config_path) or latest is None:
-    raise FileNotFoundError(f"No trained prior in {workdir}; train it first.")
-  with tf.io.gfile.GFile(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  model = build_prior(config, num_embeddings)
-  tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+  stored = _prior_run(workdir)
+  config = ml_collections.ConfigDict(stored["config"])
+  print_ = stored["fingerprint"]
+  if num_embeddings is not None and num_embeddings != print_["num_embeddings"]:
+    raise ValueError(
+        f"The prior in {workdir!r} models {print_['num_embeddings']} codes, "
+        f"not {num_embeddings}.")
+  model = build_prior(config, print_["num_embeddings"])
+  # Variables exist before the restore, so that a mismatch is caught.
+  model(tf.zeros([1, *print_["code_shape"]], tf.int32),
+        tf.zeros([1], tf.int32) if config.class_conditional else None)
+  checkpoints = rundir.Checkpoints(
+      tf.train.Checkpoint(model=model),
+      os.path.join(workdir, loop.CHECKPOINT_DIR), max_to_keep=1)
+  if not checkpoints.restore():
+    raise FileNotFoundError(f"No checkpoint in {checkpoints.directory!r}.")
   return config, model
+
+
+def _prior_run(workdir: str) -> Dict[str, Any]:
+  stored = rundir.RunDir(workdir, writer=False).read_metadata(loop.RUN_FILE)
+  if stored is None or "num_embeddings" not in stored["fingerprint"]:
+    raise FileNotFoundError(
+        f"No trained prior in {workdir!r} (no prior {loop.RUN_FILE}); train "
+        "it first with `python -m sonnet_vqvae.prior`.")
+  return stored
+
+
+def restore_vqvae_of_prior(workdir: str, vqvae_workdir: str
+                           ) -> Tuple[ml_collections.ConfigDict, snt.Module]:
+  """The VQ-VAE checkpoint whose codes the prior in `workdir` was trained on.
+
+  Raises:
+    rundir.FingerprintMismatch: `vqvae_workdir` does not hold that VQ-VAE
+      (another run, or that checkpoint is gone).
+  """
+  recorded = _prior_run(workdir)["fingerprint"]["vqvae"]
+  if recorded is None:
+    raise ValueError(f"The prior in {workdir!r} was trained on codes of no "
+                     "recorded VQ-VAE; use `sample_images` with your model.")
+  try:
+    vqvae_config, vqvae = train.restore_model(vqvae_workdir, recorded["step"])
+  except (FileNotFoundError, rundir.RunDirError) as e:
+    raise rundir.FingerprintMismatch(
+        f"The prior in {workdir!r} was trained on the codes of VQ-VAE "
+        f"checkpoint step {recorded['step']}, which {vqvae_workdir!r} cannot "
+        f"provide ({e}). Pass the VQ-VAE workdir the prior was trained on."
+    ) from e
+  found = vqvae_provenance(vqvae, recorded["step"])
+  if found != recorded:
+    raise rundir.FingerprintMismatch(
+        f"The prior in {workdir!r} was trained on the codes of another "
+        f"VQ-VAE: codebook_sha256 {recorded['codebook_sha256'][:12]}... at "
+        f"step {recorded['step']} in its run.json, "
+        f"{found['codebook_sha256'][:12]}... in {vqvae_workdir!r}. Pass the "
+        "VQ-VAE workdir the prior was trained on, or train a prior on this "
+        "one.")
+  return vqvae_config, vqvae
 
 
 def sample_images(model: pixelcnn.GatedPixelCNN, vqvae: snt.Module, *,
@@ -339,28 +492,34 @@ def sample(config: ml_collections.ConfigDict, vqvae_workdir: str,
 
   The prior is rebuilt from workdir's saved config; of config only the
   sampling fields (num_samples, temperature, sample_label, sample_seed) are
-  used.
+  used. The VQ-VAE is the checkpoint the prior was trained on, checked by its
+  codebook's hash.
 
   Args:
     config: a configs/prior.py config.
     vqvae_workdir: workdir of the VQ-VAE the prior was trained on.
     workdir: the prior's workdir.
 
+  Raises:
+    rundir.FingerprintMismatch: vqvae_workdir holds another VQ-VAE.
+
   Returns:
     Path of the PNG written in workdir: prior_samples.png, or
     prior_samples_class<label>.png for one class.
   """
-  vqvae_config, vqvae = train.restore_model(vqvae_workdir)
-  _, model = restore_prior(workdir, vqvae_config.num_embeddings)
+  validate_config(config)
+  _, vqvae = restore_vqvae_of_prior(workdir, vqvae_workdir)
+  _, model = restore_prior(workdir)
   images = sample_images(model, vqvae, num_samples=config.num_samples,
                          label=config.sample_label,
                          temperature=config.temperature,
                          seed=config.sample_seed)
   suffix = f"_class{config.sample_label}" if config.sample_label >= 0 else ""
   path = os.path.join(workdir, f"prior_samples{suffix}.png")
-  plotting.plot_image_grid(
-      images, path,
-      f"PixelCNN prior samples{suffix}, temperature {config.temperature}")
+  with rundir.RunDir(workdir):  # Locked while it writes.
+    plotting.plot_image_grid(
+        images, path,
+        f"PixelCNN prior samples{suffix}, temperature {config.temperature}")
   logging.info("Wrote %s.", path)
   return path
 
@@ -385,4 +544,5 @@ def _define_flags():
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=configs.flags_parser("config",
+                                                  prior_config.get_config))

@@ -3,34 +3,27 @@ r"""Trains and evaluates the VQ-VAE on CIFAR-10, on one or many devices.
     python -m sonnet_vqvae.train --workdir DIR [--config.key=value ...]
     python -m sonnet_vqvae.train --workdir DIR --mode=evaluate
 
-The workdir holds `run.json` (config and training-data variance),
-`checkpoints/`, TensorBoard summaries, `metrics.jsonl` (one row per log step),
-`eval.json` and the PNG figures. Starting the same command again resumes from
-the latest checkpoint; a checkpoint that cannot be restored is an error and is
-left untouched.
+The workdir holds `run.json` (what the run trains on: dataset, image shape,
+model config, and the training-data variance), `checkpoints/`, TensorBoard
+summaries, `metrics.jsonl` (one row per log step), `eval.json` and the PNG
+figures. Starting the same command again resumes from the latest checkpoint;
+`loop` and `rundir` say what a workdir guarantees (locking, a resume that
+must match the stored run, checkpoints that are never overwritten).
 
 Distribution: every strategy (one device, `snt.distribute.Replicator`,
-`TPUStrategy`, `MultiWorkerMirroredStrategy`) runs the same replica step:
-gradients are all-reduced (mean) and every replica applies the same update.
-`snt.optimizers.Adam` refuses strategies other than Sonnet's replicators, so
-the step uses `Adam` below: the same update rule as `snt.optimizers.Adam`,
-without the strategy check. Its slot variables, like the model's, are created
-by `quantizers.replica_consistent_variables` (ONLY_FIRST_REPLICA aggregation),
-which makes replica-context assignments valid under every strategy.
+`TpuReplicator`, `MultiWorkerMirroredStrategy`; see `distribute`) runs the same
+replica step: gradients are all-reduced (mean) and every replica applies the
+same update with `optim.Adam`, whose state, like the model's, is created by
+`distribute.replica_consistent_variables`.
 
 The input pipeline's position is not checkpointed; a resumed run reshuffles
 with seed + step.
 """
 
 import contextlib
-import functools
-import glob
-import json
 import math
 import os
-import sys
-import time
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -39,111 +32,50 @@ from ml_collections import config_dict
 from ml_collections import config_flags
 import numpy as np
 import sonnet as snt
-from sonnet.src.optimizers import adam as snt_adam
 import tensorflow as tf
-from tensorflow.core.framework import summary_pb2
-import tqdm
 
+from sonnet_vqvae import distribute
 from sonnet_vqvae import input_pipeline
+from sonnet_vqvae import loop
 from sonnet_vqvae import loss_scale as loss_scale_lib
 from sonnet_vqvae import networks
+from sonnet_vqvae import optim
 from sonnet_vqvae import plotting
-from sonnet_vqvae import quantizers
+from sonnet_vqvae import rundir
+from sonnet_vqvae import configs
 from sonnet_vqvae.configs import default
 
-STRATEGIES = ("auto", "default", "replicator", "tpu", "multi_worker")
-_RUN_FILE = "run.json"
-_CHECKPOINT_DIR = "checkpoints"
-_SCALAR_METADATA = summary_pb2.SummaryMetadata(
-    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+# Names that moved to their own modules, kept for existing callers.
+Adam = optim.Adam
+STRATEGIES = distribute.STRATEGIES
+make_strategy = distribute.make_strategy
+is_chief = distribute.is_chief
 
-
-class Adam(snt.Module):
-  """Adam (Kingma & Ba): `snt.optimizers.Adam`'s update under any strategy."""
-
-  def __init__(self,
-               learning_rate: float,
-               beta1: float = 0.9,
-               beta2: float = 0.999,
-               epsilon: float = 1e-8,
-               loss_scale: Optional[loss_scale_lib.DynamicLossScale] = None,
-               name: str = "adam"):
-    """Constructs the optimizer.
-
-    Args:
-      learning_rate: as in `snt.optimizers.Adam`.
-      beta1: as in `snt.optimizers.Adam`.
-      beta2: as in `snt.optimizers.Adam`.
-      epsilon: as in `snt.optimizers.Adam`.
-      loss_scale: for float16 training, the loss scale that `make_train_step`
-        applies (checkpointed with the optimizer); None otherwise.
-      name: module name.
-    """
-    super().__init__(name=name)
-    self.learning_rate = learning_rate
-    self.beta1 = beta1
-    self.beta2 = beta2
-    self.epsilon = epsilon
-    self.loss_scale = loss_scale
-    self.step = tf.Variable(0, trainable=False, dtype=tf.int64, name="t")
-    self.m = []
-    self.v = []
-
-  def build(self, parameters: Sequence[tf.Variable]) -> None:
-    """Creates the zero moments of `parameters` (call once, before `apply`)."""
-    for slots, prefix in ((self.m, "m"), (self.v, "v")):
-      slots.extend(
-          tf.Variable(tf.zeros_like(p), trainable=False,
-                      name=f"{prefix}/{p.name.split(':')[0]}")
-          for p in parameters)
-
-  def apply(self, updates: Sequence[tf.Tensor],
-            parameters: Sequence[tf.Variable],
-            apply_if: Optional[tf.Tensor] = None) -> None:
-    """Applies one Adam step of `updates` (gradients) to `parameters`.
-
-    Args:
-      updates: gradients, one per parameter.
-      parameters: the variables `build` was called with.
-      apply_if: optional scalar bool; when False the step changes nothing
-        (parameters, moments and step count), as loss scaling needs after a
-        gradient overflow.
-    """
-    if len(self.m) != len(parameters):
-      raise ValueError(f"Adam was built for {len(self.m)} parameters, got "
-                       f"{len(parameters)}.")
-
-    def unless_skipped(new, old):
-      # tf.where, not tf.cond: assignments inside tf.cond break under
-      # MirroredStrategy. A skipped step's values may be inf/NaN; unselected.
-      return new if apply_if is None else tf.where(apply_if, new, old)
-
-    self.step.assign(unless_skipped(self.step + 1, self.step))
-    t = tf.cast(self.step, tf.float32)
-    for update, param, m, v in zip(updates, parameters, self.m, self.v):
-      # Sonnet's own update rule; only its apply() refuses our strategies.
-      step, new_m, new_v = snt_adam.adam_update(
-          g=update, alpha=self.learning_rate, beta_1=self.beta1,
-          beta_2=self.beta2, epsilon=self.epsilon, t=t, m=m, v=v)
-      m.assign(unless_skipped(new_m, m))
-      v.assign(unless_skipped(new_v, v))
-      param.assign(unless_skipped(param - step, param))
+# The config keys `networks.build_model` reads: a checkpoint depends on them.
+_MODEL_KEYS = ("num_hiddens", "num_residual_hiddens", "num_residual_layers",
+               "embedding_dim", "num_embeddings", "commitment_cost",
+               "use_ema", "decay", "quantizer")
 
 
 def validate_config(config: config_dict.ConfigDict) -> None:
   """Raises ValueError for a config that cannot train, before any work.
 
-  Checks keys against `configs.default.get_config()` (unknown keys are
-  typos), positive sizes, steps and intervals, and the strategy name. The batch
-  divisibility by the replica count is checked by `make_strategy`'s caller.
+  Checks keys against `configs.default.get_config()` (an unknown key is a
+  typo: the error names it and the nearest valid keys), positive sizes, steps
+  and intervals, ranges, and the strategy name. The batch's divisibility by
+  the replica count and the dataset's images are checked by `train`.
   """
-  _check_keys(config, default.get_config(), prefix="")
+  configs.check_keys(config, default.get_config())
   for key in ("num_steps", "batch_size", "eval_batch_size", "log_every",
               "checkpoint_every", "max_checkpoints_to_keep", "num_hiddens",
               "num_residual_hiddens", "embedding_dim", "num_embeddings",
               "shuffle_buffer"):
-    if config[key] <= 0:
+    if not config[key] > 0:
       raise ValueError(f"config.{key} must be positive, got {config[key]}.")
+  if config.num_hiddens < 2:
+    raise ValueError("config.num_hiddens must be >= 2 (the first encoder "
+                     f"layer has num_hiddens // 2 channels), got "
+                     f"{config.num_hiddens}.")
   if config.num_residual_layers < 0:
     raise ValueError("config.num_residual_layers must be >= 0, got "
                      f"{config.num_residual_layers}.")
@@ -152,6 +84,9 @@ def validate_config(config: config_dict.ConfigDict) -> None:
         f"config.learning_rate must be positive, got {config.learning_rate}.")
   if not 0 <= config.decay < 1:
     raise ValueError(f"config.decay must be in [0, 1), got {config.decay}.")
+  if not config.commitment_cost >= 0:
+    raise ValueError("config.commitment_cost must be >= 0, got "
+                     f"{config.commitment_cost}.")
   if config.mixed_precision not in (None, "bfloat16", "float16"):
     raise ValueError(
         "config.mixed_precision must be None, 'bfloat16' or 'float16', got "
@@ -161,93 +96,41 @@ def validate_config(config: config_dict.ConfigDict) -> None:
         f"config.strategy must be one of {STRATEGIES}, got {config.strategy!r}.")
 
 
-def _check_keys(config, reference, prefix):
-  unknown = sorted(set(config.keys()) - set(reference.keys()))
-  if unknown:
-    raise ValueError(f"Unknown config keys: {[prefix + k for k in unknown]}; "
-                     f"known: {sorted(reference.keys())}.")
-  for key, value in reference.items():
-    if isinstance(value, config_dict.ConfigDict):
-      _check_keys(config[key], value, prefix=f"{prefix}{key}.")
+def fingerprint(config: config_dict.ConfigDict,
+                image_shape: Sequence[int]) -> Dict[str, Any]:
+  """What a run's checkpoints depend on: a resumed run must match it.
 
-
-@functools.cache
-def make_strategy(name: str) -> tf.distribute.Strategy:
-  """The strategy `name` (see `STRATEGIES`); "auto" picks from the machine.
-
-  One instance per name and process: strategies number their collectives
-  independently, so a second one over the same devices would reuse the first
-  one's collective keys with other shapes. Other code in the process should
-  take its strategy from here too.
-
-  auto: multi_worker when TF_CONFIG names more than one task, tpu when a TPU
-  is named (TPU_NAME / COLAB_TPU_ADDR) or attached to this host (Colab TPU
-  runtimes and Cloud TPU VMs), replicator over several GPUs, the default
-  one-device strategy otherwise. "replicator" uses all local GPUs, or all
-  logical CPUs when there is no GPU; "tpu" is `snt.distribute.TpuReplicator`.
+  The data (dataset, data_dir, image shape) and the model's sizes and
+  quantizer; steps, batch size, learning rate, seed, precision and strategy
+  may change between resumes.
   """
-  if name == "auto":
-    cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
-    if sum(len(tasks) for tasks in cluster.values()) > 1:
-      name = "multi_worker"
-    elif _named_tpu() or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
-      name = "tpu"
-    elif len(tf.config.list_logical_devices("GPU")) > 1:
-      name = "replicator"
-    else:
-      name = "default"
-  if name == "default":
-    return tf.distribute.get_strategy()
-  if name == "replicator":
-    devices = (tf.config.list_logical_devices("GPU") or
-               tf.config.list_logical_devices("CPU"))
-    return snt.distribute.Replicator(devices=[d.name for d in devices])
-  if name == "tpu":
-    # A TPU attached to this host has no address: the resolver calls it local.
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
-        tpu=None if _named_tpu() else "local")
-    tf.config.experimental_connect_to_cluster(resolver)
-    tf.tpu.experimental.initialize_tpu_system(resolver)
-    return snt.distribute.TpuReplicator(resolver)
-  if name == "multi_worker":
-    return tf.distribute.MultiWorkerMirroredStrategy()
-  raise ValueError(f"Unknown strategy {name!r}; expected one of {STRATEGIES}.")
-
-
-def _named_tpu() -> bool:
-  return bool(os.environ.get("TPU_NAME") or os.environ.get("COLAB_TPU_ADDR"))
-
-
-def is_chief() -> bool:
-  """Whether this process writes the run's files (TF_CONFIG's chief).
-
-  The chief task if TF_CONFIG names one, else worker 0; a process without
-  TF_CONFIG is its own chief.
-  """
-  tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
-  task = tf_config.get("task", {})
-  if not task:
-    return True
-  if "chief" in tf_config.get("cluster", {}):
-    return task.get("type") == "chief"
-  return task.get("type") == "worker" and task.get("index", 0) == 0
+  data_dir = config.data_dir
+  return {
+      "dataset": config.dataset,
+      "data_dir": None if data_dir is None else os.path.abspath(data_dir),
+      "image_shape": [int(n) for n in image_shape],
+      "model": {key: (config[key].to_dict() if key == "quantizer"
+                      else config[key]) for key in _MODEL_KEYS},
+  }
 
 
 def create_model_and_optimizer(
     config: config_dict.ConfigDict, data_variance: float,
-    strategy: tf.distribute.Strategy) -> Tuple[networks.VQVAEModel, Adam]:
+    strategy: tf.distribute.Strategy,
+    image_shape: Sequence[int] = (32, 32, 3)
+) -> Tuple[networks.VQVAEModel, optim.Adam]:
   """Model and optimizer with all variables created, under `strategy`."""
   tf.random.set_seed(config.seed)
   with strategy.scope(), tf.variable_creator_scope(
-      quantizers.replica_consistent_variables):
+      distribute.replica_consistent_variables):
     model = networks.build_model(config, data_variance)
-    optimizer = Adam(config.learning_rate, loss_scale=(
+    optimizer = optim.Adam(config.learning_rate, loss_scale=(
         loss_scale_lib.DynamicLossScale()
         if config.mixed_precision == "float16" else None))
     # Sonnet creates variables on the first call; create them now, so that a
     # checkpoint restores into existing variables and mismatches are caught.
     with precision_scope(config.mixed_precision):
-      model(tf.zeros([1, 32, 32, 3]), is_training=False)
+      model(tf.zeros([1, *image_shape]), is_training=False)
     optimizer.build(model.trainable_variables)
   return model, optimizer
 
@@ -259,7 +142,7 @@ def precision_scope(mixed_precision: Optional[str]):
   return snt.mixed_precision.scope(tf.as_dtype(mixed_precision))
 
 
-def make_train_step(model: networks.VQVAEModel, optimizer: Adam,
+def make_train_step(model: networks.VQVAEModel, optimizer: optim.Adam,
                     strategy: tf.distribute.Strategy, jit_compile: bool,
                     mixed_precision: Optional[str] = None):
   """Returns step(iterator) -> dict of scalar metrics (means over replicas).
@@ -318,43 +201,6 @@ def make_train_step(model: networks.VQVAEModel, optimizer: Adam,
   return step
 
 
-def _save_run(workdir: str, config: config_dict.ConfigDict,
-              data_variance: float) -> None:
-  with tf.io.gfile.GFile(os.path.join(workdir, _RUN_FILE), "w") as f:
-    json.dump({"config": config.to_dict(), "data_variance": data_variance}, f,
-              indent=2)
-
-
-def _load_run(workdir: str) -> Optional[Tuple[config_dict.ConfigDict, float]]:
-  path = os.path.join(workdir, _RUN_FILE)
-  if not tf.io.gfile.exists(path):
-    return None
-  with tf.io.gfile.GFile(path) as f:
-    run = json.load(f)
-  return config_dict.ConfigDict(run["config"]), run["data_variance"]
-
-
-def restore_checkpoint(checkpoint: tf.train.Checkpoint, directory: str) -> int:
-  """Restores the latest checkpoint in `directory` (if any); returns its step.
-
-  Raises:
-    RuntimeError: naming the checkpoint, when it is corrupt or does not match
-      the model/optimizer (the files are left as they are).
-  """
-  path = tf.train.latest_checkpoint(directory)
-  if path is None:
-    return 0
-  try:
-    checkpoint.restore(path).assert_existing_objects_matched()
-  # The checkpoint reader raises IndexError for truncated files.
-  except (tf.errors.OpError, ValueError, AssertionError, IndexError) as e:
-    raise RuntimeError(
-        f"Cannot restore checkpoint {path}: {e}\nIt is corrupt or was written "
-        "by a different model/config. It was left untouched; move it away (or "
-        "use another --workdir) to start afresh.") from e
-  return int(checkpoint.step.numpy())
-
-
 def train(config: config_dict.ConfigDict,
           workdir: str) -> networks.VQVAEModel:
   """Trains to `config.num_steps`, resuming from `workdir`'s checkpoint.
@@ -362,97 +208,81 @@ def train(config: config_dict.ConfigDict,
   Args:
     config: hyperparameters, see `configs/default.py`.
     workdir: directory for the run's files (created if missing); only the
-      chief writes there (see `is_chief`).
+      chief writes there (see `distribute.is_chief`).
 
   Returns:
     The trained model (its variables live under the run's strategy).
 
   Raises:
-    ValueError: for a config that cannot train (before any work).
-    RuntimeError: for a checkpoint that cannot be restored.
+    ValueError: for a config or dataset that cannot train (before any work).
+    rundir.RunDirError: the workdir is in use, holds another run
+      (`rundir.FingerprintMismatch`) or checkpoints that cannot be restored.
     FloatingPointError: when the loss is not finite; the last good checkpoint
       is kept.
   """
   validate_config(config)
   strategy = make_strategy(config.strategy)
-  num_replicas = strategy.num_replicas_in_sync
-  if config.batch_size % num_replicas:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible "
-                     f"by the {num_replicas} replicas.")
-  chief = is_chief()
-  tf.io.gfile.makedirs(workdir)
+  distribute.check_batch_size(config.batch_size, strategy)
+  image_shape = input_pipeline.check_images(
+      input_pipeline.image_spec(config.dataset, data_dir=config.data_dir),
+      dataset=config.dataset)
+  print_ = fingerprint(config, image_shape)
+  run_dir, stored = loop.open_run(workdir, print_)
+  with run_dir:  # Releases the workdir's lock however training ends.
+    train_split = _load(config, "train")
+    model, optimizer, checkpoints, step, variance = _restore_or_start(
+        config, strategy, run_dir, stored, image_shape, train_split)
+    logging.info("Training from step %d to %d on %d replica(s) (%s).", step,
+                 config.num_steps, strategy.num_replicas_in_sync,
+                 type(strategy).__name__)
+    dataset = strategy.distribute_datasets_from_function(
+        lambda ctx: input_pipeline.train_dataset(
+            train_split, config.batch_size,
+            shuffle_buffer=config.shuffle_buffer, seed=config.seed + step,
+            input_context=ctx))
+    iterator = iter(dataset)
+    train_step = make_train_step(model, optimizer, strategy, config.jit_compile,
+                                 config.mixed_precision)
+    loop.run(lambda: train_step(iterator), run_dir=run_dir,
+             checkpoints=checkpoints, start_step=step,
+             num_steps=config.num_steps, log_every=config.log_every,
+             checkpoint_every=config.checkpoint_every,
+             metadata={"config": config.to_dict(), "data_variance": variance},
+             fingerprint=print_, describe=_describe)
+    loop.remove_scratch(checkpoints)
+  return model
 
-  def load(split):
-    return input_pipeline.load_split(split, dataset=config.dataset,
-                                     data_dir=config.data_dir,
-                                     download=config.download)
-  train_split = load("train")
-  previous = _load_run(workdir)
-  data_variance = (previous[1] if previous else
-                   input_pipeline.data_variance(train_split))
-  model, optimizer = create_model_and_optimizer(config, data_variance,
-                                                strategy)
+
+def _describe(row: Dict[str, float]) -> str:
+  return ("loss {loss:.4f} nmse {recon_error:.4f} perplexity {perplexity:.1f} "
+          "codes {codes_used:.0f} (window {codes_used_ema:.0f})").format(**row)
+
+
+def _load(config: config_dict.ConfigDict, split: str) -> tf.data.Dataset:
+  return input_pipeline.load_split(split, dataset=config.dataset,
+                                   data_dir=config.data_dir,
+                                   download=config.download)
+
+
+def _restore_or_start(config, strategy, run_dir, stored, image_shape,
+                      train_split):
+  """Builds the model and restores the run's newest checkpoint, if any.
+
+  The training variance is the stored run's (so a resumed run's NMSE keeps
+  its scale), or computed from the training split for a fresh run.
+  """
+  if stored is not None:
+    variance = stored["data_variance"]
+  else:
+    variance = input_pipeline.data_variance(train_split)
+  model, optimizer = create_model_and_optimizer(config, variance, strategy,
+                                                image_shape)
   checkpoint = tf.train.Checkpoint(
       model=model, optimizer=optimizer, step=tf.Variable(0, dtype=tf.int64))
-  # Non-chief workers must take part in saving (collectives), into a scratch
-  # directory of their own.
-  checkpoint_dir = os.path.join(workdir, _CHECKPOINT_DIR)
-  if not chief:
-    checkpoint_dir = os.path.join(
-        workdir, f"worker_{strategy.cluster_resolver.task_id}_scratch")
-  manager = tf.train.CheckpointManager(
-      checkpoint, checkpoint_dir, max_to_keep=config.max_checkpoints_to_keep)
-  step = restore_checkpoint(checkpoint, os.path.join(workdir, _CHECKPOINT_DIR))
-  if chief:
-    _save_run(workdir, config, data_variance)
-  logging.info("Training from step %d to %d on %d replica(s) (%s).", step,
-               config.num_steps, num_replicas, type(strategy).__name__)
-
-  dataset = strategy.distribute_datasets_from_function(
-      lambda ctx: input_pipeline.train_dataset(
-          train_split, config.batch_size, shuffle_buffer=config.shuffle_buffer,
-          seed=config.seed + step, input_context=ctx))
-  iterator = iter(dataset)
-  train_step = make_train_step(model, optimizer, strategy, config.jit_compile,
-                               config.mixed_precision)
-  writer = (tf.summary.create_file_writer(workdir) if chief
-            else tf.summary.create_noop_writer())
-  progress = tqdm.tqdm(total=config.num_steps, initial=step,
-                       disable=not (chief and sys.stderr.isatty()))
-  sums, count, last_good, start = {}, 0, step, time.time()
-  start_step = step
-  while step < config.num_steps:
-    metrics = {k: float(v) for k, v in train_step(iterator).items()}
-    step += 1
-    progress.update()
-    if not math.isfinite(metrics["loss"]):
-      raise FloatingPointError(
-          f"Non-finite loss {metrics['loss']} at step {step} ({metrics}). The "
-          f"last good checkpoint (step {last_good}) in {checkpoint_dir} is "
-          "kept; lower the learning rate or check the data.")
-    for k, v in metrics.items():
-      sums[k] = sums.get(k, 0.) + v
-    count += 1
-    if step % config.log_every == 0 or step == config.num_steps:
-      row = {k: v / count for k, v in sums.items()}
-      steps_per_sec = (step - start_step) / (time.time() - start)
-      row.update(step=step, steps_per_sec=steps_per_sec)
-      _log_row(workdir, writer, row, chief)
-      logging.info(
-          "step %d/%d loss %.4f nmse %.4f perplexity %.1f codes %.0f "
-          "(window %.0f) %.2f steps/s ETA %.0fs", step, config.num_steps,
-          row["loss"], row["recon_error"], row["perplexity"],
-          row["codes_used"], row["codes_used_ema"], steps_per_sec,
-          (config.num_steps - step) / steps_per_sec)
-      sums, count = {}, 0
-    if step % config.checkpoint_every == 0 or step == config.num_steps:
-      checkpoint.step.assign(step)
-      manager.save(checkpoint_number=step)
-      last_good = step
-  progress.close()
-  if not chief:
-    tf.io.gfile.rmtree(checkpoint_dir)
-  return model
+  checkpoints = loop.checkpoints_of(run_dir, checkpoint, strategy,
+                                    config.max_checkpoints_to_keep)
+  step = loop.restore(run_dir, checkpoints, stored)
+  return model, optimizer, checkpoints, step, variance
 
 
 def train_and_evaluate(config: config_dict.ConfigDict,
@@ -463,7 +293,8 @@ def train_and_evaluate(config: config_dict.ConfigDict,
     The test metrics written to `workdir/eval.json`; {} on other workers.
 
   Raises:
-    As `train`.
+    As `train`, and FloatingPointError for non-finite test metrics (written
+    as null).
   """
   model = train(config, workdir)
   if not is_chief():
@@ -471,35 +302,19 @@ def train_and_evaluate(config: config_dict.ConfigDict,
   return evaluate_and_plot(config, model, workdir)
 
 
-def _log_row(workdir: str, writer, row: Dict[str, float],
-             chief: bool) -> None:
-  with writer.as_default(step=row["step"]):
-    for key, value in row.items():
-      if key != "step":
-        # tf.summary.scalar needs the tensorboard package; this is its op.
-        tf.summary.write(f"train/{key}", tf.constant(value, tf.float32),
-                         metadata=_SCALAR_METADATA)
-  if chief:
-    with tf.io.gfile.GFile(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-      f.write(json.dumps(row) + "\n")
-
-
-def evaluate(model: networks.VQVAEModel, dataset: tf.data.Dataset
-             ) -> Tuple[Dict[str, float], np.ndarray, np.ndarray]:
-  """Evaluates on every image of `dataset` (batches of [B, 32, 32, 3]).
-
-  Returns:
-    (metrics, counts, first_batch): metrics has nmse (MSE / training
-    variance), mse, psnr (dB, images of range 1), perplexity and codes_used of
-    the code histogram over the whole split; counts is that [K] histogram;
-    first_batch is (originals, reconstructions) of the first batch.
-  """
-  @tf.function
+def _evaluate(model: networks.VQVAEModel, dataset: tf.data.Dataset
+              ) -> Tuple[Dict[str, float], np.ndarray, Tuple[np.ndarray,
+                                                              np.ndarray]]:
+  """`evaluate`'s metrics, the [K] code histogram and the first batch."""
+  # Any batch size, the last batch's too, without retracing.
+  @tf.function(input_signature=[tf.TensorSpec(
+      [None, *dataset.element_spec.shape[1:]], tf.float32)])
   def batch_stats(images):
     out = model(images, is_training=False)
     indices = tf.reshape(out["vq_output"]["encoding_indices"], [-1])
     counts = tf.math.bincount(tf.cast(indices, tf.int32),
                               minlength=model.quantizer.num_embeddings,
+                              maxlength=model.quantizer.num_embeddings,
                               dtype=tf.float64)
     squared = tf.reduce_sum(tf.square(tf.cast(out["x_recon"] - images,
                                               tf.float64)))
@@ -511,61 +326,91 @@ def evaluate(model: networks.VQVAEModel, dataset: tf.data.Dataset
     squared, size, counts = squared + s, size + n, counts + c
     if first is None:
       first = (images.numpy(), recon.numpy())
+  if first is None:
+    raise ValueError("evaluate: the dataset holds no images.")
   mse = float(squared / size)
   counts = np.asarray(counts)
   probs = counts / counts.sum()
   nonzero = probs[probs > 0]
   metrics = {"nmse": mse / model.data_variance, "mse": mse,
-             "psnr": float(10 * np.log10(1. / mse)),
+             "psnr": float(10 * np.log10(1. / mse)) if mse > 0 else math.inf,
              "perplexity": float(np.exp(-np.sum(nonzero * np.log(nonzero)))),
              "codes_used": int((counts > 0).sum())}
   return metrics, counts, first
 
 
+def evaluate(model: networks.VQVAEModel,
+             dataset: tf.data.Dataset) -> Dict[str, float]:
+  """Evaluates on every image of `dataset` (batches of [B, H, W, 3]).
+
+  Returns:
+    nmse (MSE / training variance), mse, psnr (dB, images of range 1), and
+    perplexity and codes_used of the code histogram over the whole dataset.
+
+  Raises:
+    ValueError: when the dataset is empty.
+  """
+  return _evaluate(model, dataset)[0]
+
+
 def evaluate_and_plot(config: config_dict.ConfigDict,
                       model: networks.VQVAEModel,
                       workdir: str) -> Dict[str, float]:
-  """Evaluates on the test split; writes eval.json and the four figures."""
-  test = input_pipeline.load_split("test", dataset=config.dataset,
-                                   data_dir=config.data_dir,
-                                   download=config.download)
-  metrics, counts, (originals, recons) = evaluate(
+  """Evaluates on the test split; writes eval.json and the four figures.
+
+  Raises:
+    FloatingPointError: for non-finite metrics, after writing them to
+      eval.json as null (the figures are then not drawn).
+  """
+  test = _load(config, "test")
+  metrics, counts, (originals, recons) = _evaluate(
       model, input_pipeline.eval_dataset(test, config.eval_batch_size))
   logging.info("Test: %s", metrics)
-  with tf.io.gfile.GFile(os.path.join(workdir, "eval.json"), "w") as f:
-    json.dump(metrics, f, indent=2)
-  history_path = os.path.join(workdir, "metrics.jsonl")
-  if tf.io.gfile.exists(history_path):
-    with tf.io.gfile.GFile(history_path) as f:
-      plotting.plot_curves([json.loads(line) for line in f],
-                           os.path.join(workdir, "curves.png"))
+  run_dir = rundir.RunDir(workdir)
+  loop.write_eval(run_dir, metrics)
+  history = run_dir.read_rows(loop.METRICS_FILE)
+  if history:
+    plotting.plot_curves(history, run_dir.path("curves.png"))
   plotting.plot_reconstructions(originals, recons,
-                                os.path.join(workdir, "reconstructions.png"))
+                                run_dir.path("reconstructions.png"))
   plotting.plot_codebook(model.quantizer.embeddings.numpy(), counts,
-                         os.path.join(workdir, "codebook.png"))
+                         run_dir.path("codebook.png"))
   return metrics
 
 
-def restore_model(workdir: str) -> Tuple[config_dict.ConfigDict,
-                                         networks.VQVAEModel]:
-  """The config and the model of the latest checkpoint in `workdir`.
+def restore_model(workdir: str, step: Optional[int] = None
+                  ) -> Tuple[config_dict.ConfigDict, networks.VQVAEModel]:
+  """The config and the model of a checkpoint in `workdir`.
+
+  Args:
+    workdir: a `train` run's workdir.
+    step: the checkpoint's step; None for the newest.
 
   Raises:
     FileNotFoundError: when `workdir` holds no run or no checkpoint.
-    RuntimeError: when the checkpoint cannot be restored.
+    rundir.RunDirError: when the checkpoint cannot be restored.
   """
-  run = _load_run(workdir)
-  checkpoints = os.path.join(workdir, _CHECKPOINT_DIR)
-  if run is None or tf.train.latest_checkpoint(checkpoints) is None:
+  run_dir = rundir.RunDir(workdir, writer=False)
+  stored = run_dir.read_metadata(loop.RUN_FILE)
+  if stored is None:
     raise FileNotFoundError(
-        f"No trained run in {workdir!r} ({_RUN_FILE} and {_CHECKPOINT_DIR}/ "
-        "are written by `python -m sonnet_vqvae.train --workdir DIR`).")
-  config, data_variance = run
+        f"No trained run in {workdir!r}: no {loop.RUN_FILE} (it is written "
+        "with the first checkpoint of `python -m sonnet_vqvae.train "
+        "--workdir DIR`).")
+  config = config_dict.ConfigDict(stored["config"])
   model, optimizer = create_model_and_optimizer(
-      config, data_variance, tf.distribute.get_strategy())
+      config, stored["data_variance"], tf.distribute.get_strategy(),
+      stored["fingerprint"]["image_shape"])
   checkpoint = tf.train.Checkpoint(
       model=model, optimizer=optimizer, step=tf.Variable(0, dtype=tf.int64))
-  restore_checkpoint(checkpoint, checkpoints)
+  checkpoints = rundir.Checkpoints(
+      checkpoint, run_dir.path(loop.CHECKPOINT_DIR),
+      max_to_keep=config.max_checkpoints_to_keep)
+  if step is None:
+    if not checkpoints.restore():
+      raise FileNotFoundError(f"No checkpoint in {checkpoints.directory!r}.")
+  else:
+    checkpoints.restore_step(step)
   return config, model
 
 
@@ -575,7 +420,8 @@ def main(argv: Sequence[str]) -> None:
   workdir = flags.FLAGS.workdir
   if flags.FLAGS.mode == "evaluate":
     config, model = restore_model(workdir)
-    evaluate_and_plot(config, model, workdir)
+    with rundir.RunDir(workdir):  # Locked while it writes.
+      evaluate_and_plot(config, model, workdir)
   else:
     train_and_evaluate(flags.FLAGS.config, workdir)
 
@@ -592,4 +438,5 @@ if __name__ == "__main__":
       "config",
       os.path.join(os.path.dirname(__file__), "configs", "default.py"),
       "Training configuration.", lock_config=True)
-  app.run(main)
+  app.run(main, flags_parser=configs.flags_parser("config",
+                                                  default.get_config))

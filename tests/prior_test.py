@@ -17,21 +17,15 @@ import tensorflow_datasets as tfds
 from sonnet_vqvae import input_pipeline
 from sonnet_vqvae import networks
 from sonnet_vqvae import prior
+from sonnet_vqvae import rundir
 from sonnet_vqvae import train
-from sonnet_vqvae.configs import default as vqvae_default
-from sonnet_vqvae.configs import prior as prior_config
+import tiny
 
 _K = 8
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _tiny_config(**overrides):
-  config = prior_config.get_config()
-  config.update(hidden_channels=8, num_layers=2, batch_size=8,
-                learning_rate=1e-2, num_steps=40, log_every=10,
-                checkpoint_every=20, eval_batch_size=16)
-  config.update(overrides)
-  return config
+_tiny_config = tiny.prior_config
 
 
 def _constant_grids(num, seed):
@@ -54,10 +48,8 @@ def _file_contents(directory):
 
 
 def _tiny_vqvae():
-  config = vqvae_default.get_config()
-  config.update(num_hiddens=8, num_residual_hiddens=4, embedding_dim=4,
-                num_embeddings=_K)
-  return networks.build_model(config, data_variance=0.06)
+  return networks.build_model(tiny.vqvae_config(num_embeddings=_K),
+                              data_variance=0.06)
 
 
 class EncodeSplitTest(absltest.TestCase):
@@ -139,7 +131,8 @@ class TrainOnCodesTest(parameterized.TestCase):
     train, test = _constant_grids(16, seed=0), _constant_grids(8, seed=1)
     prior.train_on_codes(_tiny_config(num_steps=20), train, test, _K, workdir)
     before = _file_contents(workdir)
-    with self.assertRaisesRegex(RuntimeError, "Cannot restore checkpoint"):
+    with self.assertRaisesRegex(rundir.FingerprintMismatch,
+                                "model.hidden_channels: 8 in .*, 16 now"):
       prior.train_on_codes(_tiny_config(hidden_channels=16), train, test, _K,
                            workdir)
     self.assertEqual(_file_contents(workdir), before)
@@ -199,11 +192,8 @@ class EndToEndTest(absltest.TestCase):
   def test_vqvae_then_prior_then_samples(self):
     vqvae_dir = self.enter_context(tempfile.TemporaryDirectory())
     prior_dir = self.enter_context(tempfile.TemporaryDirectory())
-    vqvae_config = vqvae_default.get_config()
-    vqvae_config.update(num_hiddens=16, num_residual_hiddens=8,
-                        embedding_dim=8, num_embeddings=_K, batch_size=4,
-                        num_steps=2, log_every=1, checkpoint_every=2,
-                        eval_batch_size=8)
+    vqvae_config = tiny.vqvae_config(num_embeddings=_K, num_steps=2,
+                                     log_every=1)
     with tfds.testing.mock_data(num_examples=16):
       train.train_and_evaluate(vqvae_config, vqvae_dir)
       metrics = prior.train_prior(_tiny_config(num_steps=4), vqvae_dir,

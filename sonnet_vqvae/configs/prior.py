@@ -24,7 +24,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_steps = 3000
   config.log_every = 100
   config.checkpoint_every = 1000
+  config.max_checkpoints_to_keep = 3
   config.seed = 0
+  # As the VQ-VAE's: "auto", "default", "replicator", "tpu", "multi_worker".
+  config.strategy = "auto"
 
   # Data: None uses the VQ-VAE run's data_dir / download settings.
   config.data_dir = ml_collections.config_dict.placeholder(str)

@@ -1,0 +1,312 @@
+"""Fault suite: what a workdir guarantees when runs are killed, edited or mixed.
+
+Each test reproduces a way a run used to be lost or silently mixed up and
+checks that it now ends in a correct recovery or a clear error, with no file
+lost or overwritten.
+"""
+
+import glob
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl.testing import absltest
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from sonnet_vqvae import loop
+from sonnet_vqvae import prior
+from sonnet_vqvae import rundir
+from sonnet_vqvae import train
+import tiny
+
+# The real CLI on tfds mock data.
+_CLI = """
+import runpy, sys
+import tensorflow_datasets as tfds
+sys.argv[0] = "sonnet_vqvae.train"
+with tfds.testing.mock_data(num_examples=16):
+  runpy.run_module("sonnet_vqvae.train", run_name="__main__")
+"""
+
+
+def _env():
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  tests = os.path.dirname(os.path.abspath(__file__))
+  env["PYTHONPATH"] = os.pathsep.join(
+      [os.path.dirname(tests), tests, env.get("PYTHONPATH", "")])
+  return env
+
+
+def _train(config, workdir):
+  with tfds.testing.mock_data(num_examples=16):
+    return train.train_and_evaluate(config, workdir)
+
+
+def _snapshot(directory):
+  """{path: bytes} of every file under `directory`."""
+  contents = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        contents[path] = f.read()
+  return contents
+
+
+def _checkpoint_files(workdir):
+  """{path: bytes} of the complete checkpoints (those with an .index)."""
+  files = {}
+  for index in glob.glob(os.path.join(workdir, "checkpoints", "ckpt-*.index")):
+    prefix = index[:-len(".index")]
+    files.update({p: open(p, "rb").read() for p in glob.glob(prefix + ".*")})
+  return files
+
+
+def _rows(workdir):
+  return rundir.RunDir(workdir, writer=False).read_rows(loop.METRICS_FILE)
+
+
+def _latest_step(workdir):
+  path = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+  return None if path is None else int(path.rsplit("-", 1)[1])
+
+
+class IndexFileTest(absltest.TestCase):
+  """Case 1: the CheckpointManager's index file deleted or garbled."""
+
+  def _resume_without_index(self, damage):
+    workdir = tempfile.mkdtemp()
+    _train(tiny.vqvae_config(), workdir)
+    before = _checkpoint_files(workdir)
+    eval_before = open(os.path.join(workdir, "eval.json")).read()
+    damage(os.path.join(workdir, "checkpoints", "checkpoint"))
+    with self.assertLogs(level="INFO") as logs:
+      _train(tiny.vqvae_config(num_steps=6), workdir)
+    self.assertIn("Training from step 4 to 6", "\n".join(logs.output))
+    for path, content in before.items():  # Nothing overwritten or lost.
+      with open(path, "rb") as f:
+        self.assertEqual(f.read(), content, path)
+    self.assertEqual(_latest_step(workdir), 6)
+    self.assertEqual([r["step"] for r in _rows(workdir)], [2, 4, 6])
+    self.assertNotEqual(open(os.path.join(workdir, "eval.json")).read(),
+                        eval_before)
+
+  @pytest.mark.slow
+  def test_deleted_index_resumes_from_the_newest_checkpoint(self):
+    self._resume_without_index(os.remove)
+
+  @pytest.mark.slow
+  def test_garbled_index_resumes_and_is_kept_aside(self):
+    def garble(path):
+      with open(path, "w") as f:
+        f.write("model_checkpoint_path: \"ckpt-4\"\n\x00garbage{{{")
+    self._resume_without_index(garble)
+
+
+class RunMetadataTest(absltest.TestCase):
+
+  @pytest.mark.slow
+  def test_failed_start_leaves_no_run_metadata(self):
+    """Case 2: a run that never checkpointed leaves nothing to adopt."""
+    workdir = tempfile.mkdtemp()
+    real_make_train_step = train.make_train_step
+
+    def nan_step(*args, **kwargs):
+      step = real_make_train_step(*args, **kwargs)
+      return lambda iterator: dict(step(iterator), loss=tf.constant(np.nan))
+
+    with absltest.mock.patch.object(train, "make_train_step", nan_step):
+      with self.assertRaisesRegex(FloatingPointError,
+                                  "at step 1.*no checkpoint had been written"):
+        _train(tiny.vqvae_config(), workdir)
+    self.assertFalse(os.path.exists(os.path.join(workdir, loop.RUN_FILE)))
+    self.assertEqual(_checkpoint_files(workdir), {})
+    # The next run in the workdir starts afresh with its own settings.
+    with tfds.testing.mock_data(num_examples=16):
+      train.train(tiny.vqvae_config(num_steps=2, num_embeddings=32), workdir)
+    stored = rundir.read_json(os.path.join(workdir, loop.RUN_FILE))
+    self.assertEqual(stored["fingerprint"]["model"]["num_embeddings"], 32)
+
+  @pytest.mark.slow
+  def test_resume_with_another_model_or_data_is_an_error(self):
+    workdir = tempfile.mkdtemp()
+    _train(tiny.vqvae_config(), workdir)
+    before = _snapshot(workdir)
+    for overrides, difference in (
+        ({"num_embeddings": 32}, "model.num_embeddings"),
+        ({"data_dir": "/elsewhere"}, "data_dir"),
+        ({"dataset": "cifar100"}, "dataset")):
+      with self.subTest(difference):
+        with self.assertRaisesRegex(rundir.FingerprintMismatch, difference):
+          _train(tiny.vqvae_config(num_steps=6, **overrides), workdir)
+        self.assertEqual(_snapshot(workdir), before)
+
+  @pytest.mark.slow
+  def test_truncated_run_metadata_is_a_clear_error(self):
+    """Case 4: a partial run.json names itself; nothing is touched."""
+    workdir = tempfile.mkdtemp()
+    _train(tiny.vqvae_config(), workdir)
+    path = os.path.join(workdir, loop.RUN_FILE)
+    with open(path, "r+") as f:
+      f.truncate(40)
+    before = _snapshot(workdir)
+    with self.assertRaisesRegex(rundir.RunDirError, "run.json"):
+      _train(tiny.vqvae_config(num_steps=6), workdir)
+    with self.assertRaisesRegex(rundir.RunDirError, "run.json"):
+      train.restore_model(workdir)
+    self.assertEqual(_snapshot(workdir), before)
+
+
+class MetricsRowsTest(absltest.TestCase):
+
+  @pytest.mark.slow
+  def test_torn_row_and_rows_after_the_checkpoint_are_dropped(self):
+    """Case 4: a torn last line and rows of redone steps."""
+    workdir = tempfile.mkdtemp()
+    _train(tiny.vqvae_config(num_steps=4, checkpoint_every=4), workdir)
+    path = os.path.join(workdir, loop.METRICS_FILE)
+    with open(path, "a") as f:
+      # A row of step 6 logged before a kill that lost its checkpoint, then
+      # half a row.
+      f.write(json.dumps({"step": 6, "loss": 1.0}) + "\n{\"step\": 8, \"lo")
+    _train(tiny.vqvae_config(num_steps=8, checkpoint_every=4), workdir)
+    self.assertEqual([r["step"] for r in _rows(workdir)], [2, 4, 6, 8])
+    with open(path) as f:
+      for line in f:
+        json.loads(line)  # Every line whole.
+    with tfds.testing.mock_data(num_examples=16):
+      config, model = train.restore_model(workdir)
+      train.evaluate_and_plot(config, model, workdir)
+
+
+class EvaluationTest(absltest.TestCase):
+
+  @pytest.mark.slow
+  def test_non_finite_evaluation_is_null_and_an_error(self):
+    """Case 5: NaN test metrics are valid JSON and fail the run."""
+    workdir = tempfile.mkdtemp()
+    _train(tiny.vqvae_config(), workdir)
+    config, model = train.restore_model(workdir)
+    weights = model.decoder.trainable_variables[0]
+    weights.assign(tf.fill(weights.shape, np.nan))
+    with tfds.testing.mock_data(num_examples=16):
+      with self.assertRaisesRegex(FloatingPointError, "nmse"):
+        train.evaluate_and_plot(config, model, workdir)
+    with open(os.path.join(workdir, loop.EVAL_FILE)) as f:
+      stored = json.loads(f.read(), parse_constant=self.fail)
+    self.assertIsNone(stored["nmse"])
+    self.assertIn("nmse", stored["nonfinite"])
+
+
+class PriorProvenanceTest(absltest.TestCase):
+  """Case 3: a prior is tied to the VQ-VAE checkpoint it was trained on."""
+
+  @pytest.mark.slow
+  def test_sampling_with_another_vqvae_is_an_error(self):
+    vqvae_a, vqvae_b, prior_dir = (tempfile.mkdtemp() for _ in range(3))
+    with tfds.testing.mock_data(num_examples=16):
+      train.train(tiny.vqvae_config(num_steps=2, seed=0), vqvae_a)
+      train.train(tiny.vqvae_config(num_steps=2, seed=1), vqvae_b)
+      prior.train_prior(tiny.prior_config(num_steps=2), vqvae_a, prior_dir)
+    config = tiny.prior_config(num_samples=2)
+    before = _snapshot(prior_dir)
+    with self.assertRaisesRegex(rundir.FingerprintMismatch, "another VQ-VAE"):
+      prior.sample(config, vqvae_b, prior_dir)
+    self.assertEqual(_snapshot(prior_dir), before)
+    self.assertTrue(os.path.exists(prior.sample(config, vqvae_a, prior_dir)))
+
+    # Trained further, the VQ-VAE's codes change: resuming the prior on them
+    # is an error naming the step; sampling still finds the recorded one.
+    with tfds.testing.mock_data(num_examples=16):
+      train.train(tiny.vqvae_config(num_steps=4, seed=0), vqvae_a)
+      with self.assertRaisesRegex(rundir.FingerprintMismatch, "vqvae.step"):
+        prior.train_prior(tiny.prior_config(num_steps=4), vqvae_a, prior_dir)
+    prior.sample(config, vqvae_a, prior_dir)
+
+
+@pytest.mark.slow
+class ProcessFaultTest(absltest.TestCase):
+  """Kills and concurrent starts of the real CLI."""
+
+  def setUp(self):
+    super().setUp()
+    self.workdir = tempfile.mkdtemp()
+
+  def _command(self, **overrides):
+    config = tiny.vqvae_config(**overrides)
+    return [sys.executable, "-c", _CLI, f"--workdir={self.workdir}",
+            *tiny.cli_flags(config)]
+
+  def test_second_process_on_a_workdir_fails_at_once(self):
+    first = subprocess.Popen(
+        self._command(num_steps=100_000, checkpoint_every=50, log_every=50,
+                      max_checkpoints_to_keep=100_000),
+        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+      deadline = time.time() + 120
+      while _latest_step(self.workdir) is None and time.time() < deadline:
+        self.assertIsNone(first.poll(), "the first run ended early")
+        time.sleep(0.2)
+      before = _checkpoint_files(self.workdir)
+      start = time.time()
+      second = subprocess.run(self._command(num_steps=100_000), env=_env(),
+                              capture_output=True, text=True, timeout=120)
+      self.assertNotEqual(second.returncode, 0)
+      self.assertIn("in use by another process", second.stderr)
+      self.assertIn(f"pid {first.pid}", second.stderr)
+      # At once: the time of a Python/TF start, not of training.
+      self.assertLess(time.time() - start, 60)
+      for path, content in before.items():
+        self.assertEqual(open(path, "rb").read(), content)
+    finally:
+      first.kill()
+      first.wait()
+
+  def test_kills_at_random_moments_lose_nothing(self):
+    """kill -9 during training, checkpointing, logging and evaluation."""
+    command = self._command(num_steps=60, checkpoint_every=5, log_every=3,
+                            max_checkpoints_to_keep=1000)
+    rng = random.Random(0)
+    kept = {}
+    for kill in range(6):
+      process = subprocess.Popen(command, env=_env(),
+                                 stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+      start_step = _latest_step(self.workdir) or 0
+      if kill == 5:
+        # During evaluation: after the last checkpoint, before eval.json.
+        while (_latest_step(self.workdir) != 60 and process.poll() is None):
+          time.sleep(0.05)
+      else:
+        # Some steps after the start, at a random moment.
+        while ((_latest_step(self.workdir) or 0) < start_step + 5 and
+               process.poll() is None):
+          time.sleep(0.05)
+        time.sleep(rng.uniform(0, 0.5))
+      process.send_signal(signal.SIGKILL)
+      process.wait()
+      kept.update(_checkpoint_files(self.workdir))
+    final = subprocess.run(command, env=_env(), capture_output=True,
+                           text=True, timeout=300)
+    self.assertEqual(final.returncode, 0, final.stderr[-3000:])
+    self.assertEqual(_latest_step(self.workdir), 60)
+    for path, content in kept.items():  # Every earlier checkpoint intact.
+      with open(path, "rb") as f:
+        self.assertEqual(f.read(), content, path)
+    steps = [r["step"] for r in _rows(self.workdir)]
+    self.assertEqual(steps, sorted(set(steps)))  # No duplicates, in order.
+    self.assertEqual(steps[-1], 60)
+    with open(os.path.join(self.workdir, loop.EVAL_FILE)) as f:
+      self.assertIn("nmse", json.load(f))
+
+
+if __name__ == "__main__":
+  absltest.main()
