@@ -22,26 +22,21 @@ from typing import Dict, Optional, Union
 import sonnet as snt
 import tensorflow as tf
 
+from sonnet_vqvae import distribute
+
 # Above this many [N, K] distance entries the nearest-code search runs in chunks
 # of rows, so that memory stays O(chunk * K) instead of O(N * K).
 _CHUNK_ELEMENTS = 1 << 24
 
 
-def replica_consistent_variables(next_creator, **kwargs):
-  """Variable creator for state every replica updates identically.
+# Moved to `distribute`; kept here for existing callers.
+replica_consistent_variables = distribute.replica_consistent_variables
 
-  For use with `tf.variable_creator_scope`. Every replica computes the same
-  update from all-reduced statistics or gradients, so the first replica's
-  value stands for all: assignments in replica context are valid under every
-  strategy, and non-trainable state lives on each replica (as Sonnet's
-  Replicator makes it) so that updating it needs no broadcast.
-  """
-  if kwargs.get("aggregation") in (None, tf.VariableAggregation.NONE):
-    kwargs["aggregation"] = tf.VariableAggregation.ONLY_FIRST_REPLICA
-  # trainable=None means the default, trainable.
-  if kwargs.get("trainable") is False:
-    kwargs["synchronization"] = tf.VariableSynchronization.ON_READ
-  return next_creator(**kwargs)
+# The checkpoint keys of `snt.ExponentialMovingAverage`'s state (its attribute
+# names). Our moving average stores its state under them, so checkpoints of
+# the Sonnet-based quantizer (tests/golden/) keep restoring.
+_EMA_COUNTER_KEY = "_counter"
+_EMA_HIDDEN_KEY = "_hidden"
 
 
 class ExponentialMovingAverage(snt.Module):
@@ -73,29 +68,28 @@ class ExponentialMovingAverage(snt.Module):
     """
     super().__init__(name=name)
     self.decay = decay
-    # Sonnet's attribute names: they are the variables' checkpoint keys.
-    self._counter = tf.Variable(0, trainable=False, dtype=tf.int64,
-                                name="counter")
-    self._hidden = None
+    setattr(self, _EMA_COUNTER_KEY, tf.Variable(
+        0, trainable=False, dtype=tf.int64, name="counter"))
+    setattr(self, _EMA_HIDDEN_KEY, None)
     self.average = None
 
   @snt.once
   def initialize(self, value: tf.Tensor) -> None:
     """Creates the zero state of `value`'s shape and dtype (first call only)."""
-    self._hidden = tf.Variable(tf.zeros_like(value), trainable=False,
-                               name="hidden")
+    setattr(self, _EMA_HIDDEN_KEY, tf.Variable(
+        tf.zeros_like(value), trainable=False, name="hidden"))
     self.average = tf.Variable(tf.zeros_like(value), trainable=False,
                                name="average")
 
   @property
   def counter(self) -> tf.Variable:
     """int64 scalar variable, the number of updates since the last reset."""
-    return self._counter
+    return getattr(self, _EMA_COUNTER_KEY)
 
   @property
   def hidden(self) -> Optional[tf.Variable]:
     """The biased state, average * (1 - decay^counter); None until created."""
-    return self._hidden
+    return getattr(self, _EMA_HIDDEN_KEY)
 
   def update(self, value: tf.Tensor,
              apply_if: Optional[tf.Tensor] = None) -> None:
