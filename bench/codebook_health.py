@@ -1,16 +1,22 @@
-r"""Codebook health at equal steps: stock EMA vs ours, without and with options.
+r"""Codebook health at equal steps: the notebook recipe vs ours, with options.
 
 Trains the default model on the real CIFAR-10 data in --data_dir for --steps
-steps (same seed and data order) with
-  (a) the notebook recipe (stock `snt.nets.VectorQuantizerEMA`),
-  (b) ours with defaults (stock behaviour),
-  (c) ours with dead-code restarts, k-means initialisation and cosine codes,
-and prints one JSON line per run: codes used over the test split (of 512),
-test perplexity and NMSE, then the target check for (c): >= 95% of the codes
-used with NMSE no worse than (a).
+steps, for each seed of --seeds (same initial weights and data order for all
+variants of a seed), as each of --variants:
+  recipe: bench/recipe.py, the notebook's model with stock
+    `snt.nets.VectorQuantizerEMA`;
+  ours: ours with defaults (stock behaviour);
+  restarts, kmeans, cosine: ours with dead-code restarts, k-means
+    initialisation or cosine codes;
+  all: ours with all three.
+Prints the machine, then one JSON line per run: codes used over the test split
+(of 512), test perplexity and NMSE; then, per seed with a recipe run, each
+variant's NMSE over the recipe's and the target check: >= 95% of the codes used
+with NMSE no worse than the recipe's.
 
-    python bench/codebook_health.py --data_dir=../shared/data/tensorflow_datasets \
-        [--steps=2000] [--variants=recipe,ours,restarts,kmeans,cosine,all]
+    python bench/codebook_health.py \
+        --data_dir=../shared/data/tensorflow_datasets \
+        [--steps=2000] [--seeds=0,1] [--variants=recipe,ours,restarts]
 """
 
 import json
@@ -21,9 +27,10 @@ from absl import flags
 
 from sonnet_vqvae.configs import default
 
-import quality  # pylint: disable=g-bad-import-order  (bench/ sibling)
+import machine  # pylint: disable=g-bad-import-order  (bench/ siblings)
+import quality
 
-# --data_dir and --steps are bench/quality.py's flags.
+# --data_dir, --steps and --seeds are bench/quality.py's flags.
 _VARIANTS = flags.DEFINE_list(
     "variants", ["recipe", "ours", "restarts", "kmeans", "all"],
     "Runs to make, from: " + ", ".join(sorted(
@@ -44,33 +51,37 @@ _OPTIONS = {
 
 def main(argv):
   del argv
+  machine.print_machine()
+  unknown = sorted(set(_VARIANTS.value) - set(_OPTIONS))
+  if unknown:
+    raise app.UsageError(f"Unknown --variants {unknown}; choose from "
+                         f"{sorted(_OPTIONS)}.")
   data_dir = os.path.abspath(flags.FLAGS.data_dir)
   steps = flags.FLAGS.steps
-  config = default.get_config()
-  results = {}
-  for name in _VARIANTS.value:
-    if name not in _OPTIONS:
-      raise app.UsageError(f"Unknown variant {name!r}; choose from "
-                           f"{sorted(_OPTIONS)}.")
-    options = _OPTIONS[name]
-    results[name] = quality.run_quality(
-        config, data_dir, steps, recipe=options is None,
-        quantizer=options)
-    print(json.dumps(dict(variant=name, options=options, steps=steps,
-                          codes_used_share=round(
-                              results[name]["codes_used"] /
-                              config.num_embeddings, 3),
-                          **results[name])), flush=True)
-  if "recipe" in results:
+  for seed in map(int, flags.FLAGS.seeds):
+    config = default.get_config()
+    config.seed = seed
+    results = {}
+    for name in _VARIANTS.value:
+      options = _OPTIONS[name]
+      results[name] = quality.run_quality(
+          config, data_dir, steps, recipe=options is None, quantizer=options)
+      print(json.dumps(dict(variant=name, options=options, seed=seed,
+                            steps=steps, codes_used_share=round(
+                                results[name]["codes_used"] /
+                                config.num_embeddings, 3),
+                            **results[name])), flush=True)
+    if "recipe" not in results:
+      continue
+    recipe_nmse = results["recipe"]["nmse"]
     for name, metrics in results.items():
       if name != "recipe":
         print(json.dumps({
-            "variant": name,
-            "nmse_vs_recipe": round(metrics["nmse"] / results["recipe"]["nmse"],
-                                    3),
+            "variant": name, "seed": seed, "steps": steps,
+            "nmse_vs_recipe": round(metrics["nmse"] / recipe_nmse, 3),
             "target_met": (metrics["codes_used"] >= 0.95 * config.num_embeddings
-                           and metrics["nmse"] <= results["recipe"]["nmse"]),
-        }))
+                           and metrics["nmse"] <= recipe_nmse),
+        }), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 r"""Test-split quality after equal training steps: ours vs the notebook recipe.
 
 Both train the reference model on the real CIFAR-10 data in --data_dir for
---steps steps from the same initial weights and batches; the recipe uses
-stock `snt.nets.VectorQuantizerEMA`, `snt.optimizers.Adam` and the notebook's
-loop. Prints one JSON line per run (NMSE, PSNR, perplexity, codes used on the
-test split), each variant's mean and standard deviation over --seeds, and the
-ratio of mean NMSE ours/recipe (<= 1 is no worse). Floating-point rounding
+--steps steps from the same initial weights and batches; the recipe is
+bench/recipe.py, a self-contained copy of the Sonnet 2 vqvae_example
+notebook's model (stock `snt.nets.VectorQuantizerEMA`), `snt.optimizers.Adam`
+and train step. Prints the machine, then one JSON line per run (NMSE, PSNR,
+perplexity, codes used on the test split), each variant's mean and standard
+deviation over --seeds, and the ratio of mean NMSE ours/recipe (<= 1 is no
+worse). Floating-point rounding
 still sends the two runs apart over thousands of steps; several seeds tell
 that from a real gap.
 
@@ -18,8 +20,8 @@ quantizer={"dead_code_threshold": 1.0}).
 """
 
 import json
-import statistics
 import os
+import statistics
 import tempfile
 import time
 from typing import Dict, Mapping, Optional
@@ -33,7 +35,8 @@ from sonnet_vqvae import input_pipeline
 from sonnet_vqvae import train
 from sonnet_vqvae.configs import default
 
-import recipe  # pylint: disable=g-bad-import-order  (bench/ sibling)
+import machine  # pylint: disable=g-bad-import-order  (bench/ siblings)
+import recipe
 
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", "../shared/data/tensorflow_datasets", "Prepared tfds data.")
@@ -42,31 +45,41 @@ _SEEDS = flags.DEFINE_list("seeds", ["0"],
                            "Seeds; each variant trains once per seed.")
 
 
+class _RecipeForEvaluate:
+  """The notebook's model with the two attributes `train.evaluate` reads."""
+
+  def __init__(self, notebook: recipe.Recipe):
+    self.quantizer = notebook.quantizer
+    self.data_variance = notebook.data_variance
+    self._model = notebook.model
+
+  def __call__(self, images: tf.Tensor, is_training: bool):
+    return self._model(images, is_training=is_training)
+
+
 def _recipe_run(config: config_dict.ConfigDict) -> Dict[str, float]:
   """Trains the notebook's recipe; returns `train.evaluate` test metrics."""
   train_split = input_pipeline.load_split(
       "train", data_dir=config.data_dir, download=False)
   variance = input_pipeline.data_variance(train_split)
-  tf.random.set_seed(config.seed)
-  model, train_step = recipe.recipe_model_and_step(config, variance)
-  model(tf.zeros([1, 32, 32, 3]), is_training=False)  # Creates the variables.
-  # Start from the weights ours starts from with this seed: the two runs then
-  # differ in their implementations, not in their random draws.
+  notebook = recipe.build_recipe(variance, **recipe.hyperparameters(config))
+  notebook.model(tf.zeros([1, 32, 32, 3]), is_training=False)  # Variables.
+  # Start from the weights (and quantizer state) ours starts from with this
+  # seed: the two runs then differ in their implementations, not in their
+  # random draws. Fails if a variable of the notebook's model is unmatched.
   ours, _ = train.create_model_and_optimizer(config, variance,
                                              tf.distribute.get_strategy())
-  theirs = {v.name: v for v in model.trainable_variables}
-  for variable in ours.trainable_variables:
-    theirs[variable.name].assign(variable)
-  model.quantizer.embeddings.assign(ours.quantizer.embeddings)
+  recipe.copy_variables(ours.variables, notebook.model.variables)
   batches = input_pipeline.train_dataset(
       train_split, config.batch_size, shuffle_buffer=config.shuffle_buffer,
       seed=config.seed)
   for images in batches.take(config.num_steps):
-    train_step(images)
+    notebook.train_step({"image": images})
   test = input_pipeline.load_split("test", data_dir=config.data_dir,
                                    download=False)
   return train.evaluate(
-      model, input_pipeline.eval_dataset(test, config.eval_batch_size))[0]
+      _RecipeForEvaluate(notebook),
+      input_pipeline.eval_dataset(test, config.eval_batch_size))[0]
 
 
 def run_quality(config: config_dict.ConfigDict,
@@ -106,6 +119,7 @@ def run_quality(config: config_dict.ConfigDict,
 
 def main(argv):
   del argv
+  machine.print_machine()
   data_dir = os.path.abspath(_DATA_DIR.value)
   nmse = {"recipe": [], "ours": []}
   for seed in map(int, _SEEDS.value):

@@ -3,16 +3,24 @@
 For each (N, K, D) it times a `tf.function` training call (quantize, loss,
 gradients with respect to the inputs and trainable codebook) of
 `sonnet_vqvae.VectorQuantizer{,EMA}` and `snt.nets.VectorQuantizer{,EMA}` in the
-same process, and reads the peak of TF's CPU allocator. Prints one JSON line per
-(size, quantizer) with the ratios stock / ours.
+same process, and reads the peak of TF's CPU allocator (the BFC allocator, which
+keeps statistics; both sides use it). Prints the machine, then one JSON line
+per (size, quantizer) with the ratios stock / ours.
 
   python bench/quantizer_bench.py                      # all sizes
   python bench/quantizer_bench.py --sizes=2048,512,64  # one size
 """
 
 import json
+import os
 import time
 
+# TF's default CPU allocator keeps no statistics, so reading the peak fails
+# ("Cannot reset memory stats for device 'CPU:0'"); its BFC allocator keeps
+# them. TF reads this when it creates its devices, after these imports.
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 import numpy as np
@@ -20,6 +28,9 @@ import sonnet as snt
 import tensorflow as tf
 
 import sonnet_vqvae
+
+import machine  # pylint: disable=g-bad-import-order  (bench/ sibling)
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 _SIZES = flags.DEFINE_multi_string(
     "sizes", ["2048,512,64", "16384,4096,64", "65536,16384,64"],
@@ -78,6 +89,7 @@ def _median_seconds(calls, inputs, min_seconds):
 
 def main(argv):
   del argv
+  machine.print_machine()
   for size in _SIZES.value:
     n, k, d = (int(v) for v in size.split(","))
     inputs = tf.random.normal([n, d])

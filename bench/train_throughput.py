@@ -1,8 +1,9 @@
 r"""Training images/s: our train step vs the Sonnet 2 notebook recipe.
 
-The recipe is the vqvae_example notebook's loop: stock
-`snt.nets.VectorQuantizerEMA`, `snt.optimizers.Adam`, a plain `@tf.function`
-step returning the whole model output. Ours is `train.make_train_step` (with
+The recipe is bench/recipe.py, a self-contained copy of the vqvae_example
+notebook's model and loop: stock `snt.nets.VectorQuantizerEMA`,
+`snt.optimizers.Adam`, a plain `@tf.function` step returning the whole model
+output. Ours is `train.make_train_step` (with
 and without XLA). All use the same model sizes, batch and synthetic images, and
 are timed in alternating rounds of the same process so that load from other
 processes affects them alike.
@@ -11,7 +12,8 @@ The "convolutions_only" variant is a ceiling, not a train step: the same
 encoder, pre-VQ conv and decoder, forward and backward on the reconstruction
 loss, with no quantizer and no optimizer. Every variant runs exactly these
 convolutions, so no train step of this model can beat the recipe by more than
-its ratio. Prints one JSON line per variant, then the ratios.
+its ratio. Prints the machine, then one JSON line per variant, then the
+ratios.
 
     python bench/train_throughput.py [--steps=20 --rounds=3 --config.x=y]
 """
@@ -28,7 +30,8 @@ import tensorflow as tf
 from sonnet_vqvae import networks
 from sonnet_vqvae import train
 
-import recipe  # pylint: disable=g-bad-import-order  (bench/ sibling)
+import machine  # pylint: disable=g-bad-import-order  (bench/ siblings)
+import recipe
 
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds per variant.")
@@ -45,8 +48,8 @@ def _images(batch_size):
 
 def recipe_step(config):
   """The notebook's model, optimizer and step; returns step(iterator)."""
-  _, train_step = recipe.recipe_model_and_step(config, data_variance=0.06)
-  return lambda iterator: train_step(next(iterator))
+  notebook = recipe.build_recipe(0.06, **recipe.hyperparameters(config))
+  return lambda iterator: notebook.train_step({"image": next(iterator)})
 
 
 def convolutions_only(config):
@@ -75,6 +78,7 @@ def our_step(config, jit_compile):
 
 def main(argv):
   del argv
+  machine.print_machine()
   config = _CONFIG.value
   variants = {"recipe": recipe_step(config),
               "ours_jit": our_step(config, jit_compile=True),

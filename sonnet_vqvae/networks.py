@@ -61,7 +61,10 @@ class ResidualStack(snt.Module):
 
 
 class Encoder(snt.Module):
-  """Two stride-2 4x4 convs, a 3x3 conv and a residual stack: [B,H,W,C] -> [B,H/4,W/4,N]."""
+  """Two stride-2 4x4 convs, a 3x3 conv, each with a relu, and a residual stack.
+
+  Maps [B, H, W, C] images to [B, H/4, W/4, num_hiddens] features.
+  """
 
   def __init__(self,
                num_hiddens: int,
@@ -82,11 +85,15 @@ class Encoder(snt.Module):
     """Encodes [B, H, W, C] images to [B, H/4, W/4, num_hiddens] features."""
     h = tf.nn.relu(self._enc_1(images))
     h = tf.nn.relu(self._enc_2(h))
-    return self._residual_stack(self._enc_3(h))
+    h = tf.nn.relu(self._enc_3(h))
+    return self._residual_stack(h)
 
 
 class Decoder(snt.Module):
-  """A 3x3 conv, a residual stack and two stride-2 transposed convs: 4x upsampling."""
+  """A 3x3 conv, a residual stack and two stride-2 transposed convs.
+
+  Upsamples 4x: [B, h, w, D] -> [B, 4h, 4w, output_channels].
+  """
 
   def __init__(self,
                num_hiddens: int,
@@ -94,7 +101,7 @@ class Decoder(snt.Module):
                num_residual_hiddens: int,
                output_channels: int = 3,
                name: str = "decoder"):
-    """Constructs the decoder; args as in `ResidualStack`, plus image channels."""
+    """Constructs the decoder; args as in `ResidualStack`, plus channels."""
     super().__init__(name=name)
     _check_positive(num_hiddens=num_hiddens, output_channels=output_channels)
     self._dec_1 = snt.Conv2D(num_hiddens, 3, name="dec_1")
@@ -127,7 +134,7 @@ class VQVAEModel(snt.Module):
     Args:
       encoder: maps images to feature grids.
       decoder: maps quantized grids back to images.
-      quantizer: a `VectorQuantizer` or `VectorQuantizerEMA` (or stock snt.nets).
+      quantizer: a `VectorQuantizer` or `VectorQuantizerEMA` (or snt.nets').
       pre_vq_conv: maps encoder features to the quantizer's embedding_dim.
       data_variance: variance of the training images (in [0, 1] scale);
         `recon_error` is the MSE divided by it.

@@ -1,5 +1,8 @@
 """Tests for sonnet_vqvae.networks."""
 
+import importlib.util
+import os
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
@@ -9,6 +12,18 @@ import tensorflow as tf
 from sonnet_vqvae import networks
 from sonnet_vqvae.configs import default
 
+
+def _load_notebook_recipe():
+  """Loads bench/recipe.py, the notebook's model, by path (not a package)."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+      __file__))), "bench", "recipe.py")
+  spec = importlib.util.spec_from_file_location("notebook_recipe", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+recipe = _load_notebook_recipe()
 
 def _tiny_config(use_ema=True):
   config = default.get_config()
@@ -118,6 +133,88 @@ class VQVAEModelTest(parameterized.TestCase):
   def test_bad_variance(self):
     with self.assertRaisesRegex(ValueError, "data_variance"):
       networks.build_model(_tiny_config(), data_variance=0.0)
+
+
+class SameAsNotebookTest(parameterized.TestCase):
+  """Ours with the notebook's weights computes what the notebook's model does.
+
+  The notebook is Sonnet's examples/vqvae_example.ipynb, copied verbatim into
+  bench/recipe.py; weights are copied by variable name.
+  """
+
+  def _sizes(self):
+    config = _tiny_config()
+    return (config.num_hiddens, config.num_residual_layers,
+            config.num_residual_hiddens)
+
+  def _assert_same(self, ours, theirs, rtol=1e-6, atol=1e-6):
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs),
+                               rtol=rtol, atol=atol)
+
+  def test_encoder(self):
+    # Fails without the relu after enc_3 that the notebook's Encoder applies.
+    ours = networks.Encoder(*self._sizes())
+    theirs = recipe.Encoder(*self._sizes())
+    images = _images()
+    ours(images)  # Creates the variables.
+    theirs(images)
+    self.assertEqual(recipe.copy_variables(ours.variables, theirs.variables),
+                     len(ours.variables))
+    self._assert_same(ours(images), theirs(images))
+
+  def test_decoder(self):
+    ours = networks.Decoder(*self._sizes())
+    theirs = recipe.Decoder(*self._sizes())
+    grid = tf.random.stateless_normal([2, 8, 8, 4], seed=[3, 4])
+    ours(grid)
+    theirs(grid)
+    recipe.copy_variables(ours.variables, theirs.variables)
+    out = ours(grid)
+    self.assertEqual(out.shape, [2, 32, 32, 3])
+    self._assert_same(out, theirs(grid))
+
+  @parameterized.parameters(False, True)
+  def test_model(self, is_training):
+    config = _tiny_config()
+    ours = networks.build_model(config, data_variance=0.06)
+    notebook = recipe.build_recipe(0.06, **recipe.hyperparameters(config))
+    images = _images()
+    ours(images, is_training=False)
+    notebook.model(images, is_training=False)
+    # Every variable of the notebook's model, quantizer state included.
+    self.assertEqual(
+        recipe.copy_variables(ours.variables, notebook.model.variables),
+        len(notebook.model.variables))
+    out = ours(images, is_training=is_training)
+    ref = notebook.model(images, is_training=is_training)
+    self._assert_same(out["z"], ref["z"])
+    for key in ("x_recon", "loss", "recon_error"):
+      self._assert_same(out[key], ref[key], rtol=1e-5)
+    for key in ("loss", "perplexity", "encoding_indices"):
+      self._assert_same(out["vq_output"][key], ref["vq_output"][key],
+                        rtol=1e-5)
+    # Training moves both codebooks alike (EMA); evaluation moves neither.
+    self._assert_same(ours.quantizer.embeddings, notebook.quantizer.embeddings,
+                      rtol=1e-5)
+
+  def test_copy_fails_on_unmatched_variables(self):
+    ours = networks.Encoder(*self._sizes())
+    wider = recipe.Encoder(16, 2, 4)
+    deeper = recipe.Encoder(8, 3, 4)
+    images = _images()
+    for module in (ours, wider, deeper):
+      module(images)
+    before = [v.numpy() for v in wider.variables]
+    with self.assertRaisesRegex(ValueError, "encoder/enc_1/w: .*8.* vs .*16"):
+      recipe.copy_variables(ours.variables, wider.variables)
+    for variable, value in zip(wider.variables, before):
+      np.testing.assert_array_equal(variable, value)  # Nothing assigned.
+    with self.assertRaisesRegex(ValueError,
+                                "without a source: .*res3x3_2/w"):
+      recipe.copy_variables(ours.variables, deeper.variables)
+    with self.assertRaisesRegex(ValueError,
+                                "without a target: .*res3x3_2/w"):
+      recipe.copy_variables(deeper.variables, ours.variables)
 
 
 if __name__ == "__main__":
