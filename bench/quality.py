@@ -79,7 +79,7 @@ def _recipe_run(config: config_dict.ConfigDict) -> Dict[str, float]:
                                    download=False)
   return train.evaluate(
       _RecipeForEvaluate(notebook),
-      input_pipeline.eval_dataset(test, config.eval_batch_size))[0]
+      input_pipeline.eval_dataset(test, config.eval_batch_size))
 
 
 def run_quality(config: config_dict.ConfigDict,

@@ -10,7 +10,7 @@ import sonnet as snt
 import tensorflow as tf
 
 from sonnet_vqvae import networks
-from sonnet_vqvae.configs import default
+import tiny
 
 
 def _load_notebook_recipe():
@@ -26,13 +26,7 @@ def _load_notebook_recipe():
 recipe = _load_notebook_recipe()
 
 def _tiny_config(use_ema=True):
-  config = default.get_config()
-  config.num_hiddens = 8
-  config.num_residual_hiddens = 4
-  config.embedding_dim = 4
-  config.num_embeddings = 16
-  config.use_ema = use_ema
-  return config
+  return tiny.vqvae_config(use_ema=use_ema)
 
 
 def _images(batch=2):
@@ -76,7 +70,7 @@ class VQVAEModelTest(parameterized.TestCase):
     model = networks.build_model(_tiny_config(use_ema), data_variance=0.06)
     images = _images()
     out = model(images, is_training=False)
-    self.assertEqual(out["z"].shape, [2, 8, 8, 4])
+    self.assertEqual(out["z"].shape, [2, 8, 8, model.quantizer.embedding_dim])
     self.assertEqual(out["x_recon"].shape, [2, 32, 32, 3])
     recon_error = np.mean((out["x_recon"].numpy() - images.numpy())**2) / 0.06
     self.assertAllClose(out["recon_error"], recon_error, rtol=1e-5)
@@ -199,13 +193,15 @@ class SameAsNotebookTest(parameterized.TestCase):
 
   def test_copy_fails_on_unmatched_variables(self):
     ours = networks.Encoder(*self._sizes())
-    wider = recipe.Encoder(16, 2, 4)
-    deeper = recipe.Encoder(8, 3, 4)
+    hiddens, layers, residual_hiddens = self._sizes()
+    wider = recipe.Encoder(2 * hiddens, layers, residual_hiddens)
+    deeper = recipe.Encoder(hiddens, layers + 1, residual_hiddens)
     images = _images()
     for module in (ours, wider, deeper):
       module(images)
     before = [v.numpy() for v in wider.variables]
-    with self.assertRaisesRegex(ValueError, "encoder/enc_1/w: .*8.* vs .*16"):
+    with self.assertRaisesRegex(
+        ValueError, rf"encoder/enc_1/w: .*{hiddens // 2}\) .* vs .*{hiddens}\)"):
       recipe.copy_variables(ours.variables, wider.variables)
     for variable, value in zip(wider.variables, before):
       np.testing.assert_array_equal(variable, value)  # Nothing assigned.
