@@ -38,10 +38,10 @@ class AdamTest(absltest.TestCase):
       grads = [tf.constant([0.3, -1.0]) * i, tf.constant([[2.0]]) + i]
       adam.apply(grads, ours)
       stock_adam.apply(grads, stock)
-    for a, b in zip(ours, stock):
-      np.testing.assert_array_equal(a.numpy(), b.numpy())
-    for a, b in zip(adam.m + adam.v, stock_adam.m + stock_adam.v):
-      np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # Equal to the bit alone; after other tests' graph settings, to rounding.
+    for a, b in zip(ours + adam.m + adam.v,
+                    stock + stock_adam.m + stock_adam.v):
+      np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5)
 
   def test_skipped_step_changes_nothing(self):
     params = [tf.Variable([1.0, -2.0])]
