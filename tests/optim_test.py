@@ -38,7 +38,7 @@ class AdamTest(absltest.TestCase):
       grads = [tf.constant([0.3, -1.0]) * i, tf.constant([[2.0]]) + i]
       adam.apply(grads, ours)
       stock_adam.apply(grads, stock)
-    # Equal to the bit alone; after other tests' graph settings, to rounding.
+    # Bit-equal when run alone; within rounding after other tests in-process.
     for a, b in zip(ours + adam.m + adam.v,
                     stock + stock_adam.m + stock_adam.v):
       np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5)
