@@ -7,6 +7,7 @@ left, joined so that the receptive field has no blind spot. Positions are
 ordered in raster order (row by row, left to right).
 """
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import sonnet as snt
@@ -262,8 +263,9 @@ class GatedPixelCNN(_Params):
       ValueError: on bad labels (see __call__), sizes or temperature.
     """
     _check_positive(num_samples=num_samples, height=height, width=width)
-    if temperature <= 0:
-      raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if not (temperature > 0 and math.isfinite(temperature)):
+      raise ValueError(
+          f"temperature must be a positive finite number, got {temperature}.")
     self._check_labels(labels)
     if labels is not None:
       labels = tf.broadcast_to(tf.cast(labels, tf.int32), [num_samples])

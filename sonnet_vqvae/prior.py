@@ -93,7 +93,9 @@ def encode_split(vqvae: snt.Module, split: str, *, batch_size: int,
   batches = input_pipeline.load_split(
       split, dataset=dataset, data_dir=data_dir, download=download).batch(
           batch_size).prefetch(tf.data.AUTOTUNE)
-  encode = tf.function(vqvae.encode)
+  # Any batch size, the last batch's too, in one trace.
+  encode = tf.function(vqvae.encode, input_signature=[tf.TensorSpec(
+      [None, *batches.element_spec["image"].shape[1:]], tf.float32)])
   codes, labels = [], []
   for batch in batches:
     codes.append(encode(batch["image"]).numpy())
@@ -398,11 +400,16 @@ def restore_prior(workdir: str, num_embeddings: Optional[int] = None
         f"The prior in {workdir!r} models {print_['num_embeddings']} codes, "
         f"not {num_embeddings}.")
   model = build_prior(config, print_["num_embeddings"])
-  # Variables exist before the restore, so that a mismatch is caught.
+  # Variables exist before the restore, so that a mismatch is caught; the
+  # optimizer too, so that the checkpoint restores whole.
   model(tf.zeros([1, *print_["code_shape"]], tf.int32),
         tf.zeros([1], tf.int32) if config.class_conditional else None)
+  optimizer = optim.Adam(config.learning_rate)
+  optimizer.build(model.trainable_variables)
   checkpoints = rundir.Checkpoints(
-      tf.train.Checkpoint(model=model),
+      tf.train.Checkpoint(model=model, optimizer=optimizer,
+                          step=tf.Variable(0, dtype=tf.int64,
+                                           trainable=False)),
       os.path.join(workdir, loop.CHECKPOINT_DIR), max_to_keep=1)
   if not checkpoints.restore():
     raise FileNotFoundError(f"No checkpoint in {checkpoints.directory!r}.")

@@ -130,8 +130,9 @@ class GatedPixelCNNTest(parameterized.TestCase):
     np.testing.assert_array_equal(codes, expected)
 
   def test_bad_temperature_raises(self):
-    with self.assertRaises(ValueError):
-      _model().sample(2, 3, 3, temperature=0.0)
+    for temperature in (0.0, -1.0, float("nan"), float("inf")):
+      with self.assertRaisesRegex(ValueError, "temperature"):
+        _model().sample(2, 3, 3, temperature=temperature)
 
 
 if __name__ == "__main__":
