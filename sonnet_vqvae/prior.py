@@ -13,6 +13,7 @@ New images are drawn by sampling code grids and decoding them.
 import hashlib
 import math
 import os
+import sys
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from absl import app
@@ -550,6 +551,7 @@ def _define_flags():
 
 
 if __name__ == "__main__":
+  configs.exit_on_unknown_override(sys.argv, "config",
+                                   prior_config.get_config())
   _define_flags()
-  app.run(main, flags_parser=configs.flags_parser("config",
-                                                  prior_config.get_config))
+  app.run(main)

@@ -23,6 +23,7 @@ with seed + step.
 import contextlib
 import math
 import os
+import sys
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from absl import app
@@ -434,9 +435,9 @@ if __name__ == "__main__":
       "mode", "train", ["train", "evaluate"],
       "train: train (or resume) then evaluate; evaluate: evaluate and plot "
       "the latest checkpoint of --workdir.")
+  configs.exit_on_unknown_override(sys.argv, "config", default.get_config())
   config_flags.DEFINE_config_file(
       "config",
       os.path.join(os.path.dirname(__file__), "configs", "default.py"),
       "Training configuration.", lock_config=True)
-  app.run(main, flags_parser=configs.flags_parser("config",
-                                                  default.get_config))
+  app.run(main)

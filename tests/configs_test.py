@@ -1,6 +1,5 @@
 """Tests for sonnet_vqvae.configs: unknown keys are named with the nearest."""
 
-from absl import flags
 from absl.testing import absltest
 
 from sonnet_vqvae import configs
@@ -51,11 +50,12 @@ class UnknownOverrideTest(absltest.TestCase):
     self.assertIn("did you mean quantizer.cosine?", messages[1])
     self.assertIn("seed has no sub-keys", messages[2])
 
-  def test_parser_raises_a_flags_error(self):
-    parse = configs.flags_parser("config", default.get_config)
-    with self.assertRaisesRegex(flags.Error, "did you mean num_steps"):
-      parse(["prog", "--config.num_step=3"])
-
+  def test_exit_names_the_key(self):
+    with self.assertRaisesRegex(SystemExit, "did you mean num_steps"):
+      configs.exit_on_unknown_override(["prog", "--config.num_step=3"],
+                                       "config", default.get_config())
+    configs.exit_on_unknown_override(["prog", "--config.num_steps=3"],
+                                     "config", default.get_config())
 
 if __name__ == "__main__":
   absltest.main()

@@ -38,10 +38,12 @@ class AdamTest(absltest.TestCase):
       grads = [tf.constant([0.3, -1.0]) * i, tf.constant([[2.0]]) + i]
       adam.apply(grads, ours)
       stock_adam.apply(grads, stock)
-    # Bit-equal when run alone; within rounding after other tests in-process.
-    for a, b in zip(ours + adam.m + adam.v,
-                    stock + stock_adam.m + stock_adam.v):
+    # Bit-equal when run alone; within float32 rounding of the update after
+    # other tests in the same process (TF may then compile the ops apart).
+    for a, b in zip(ours, stock):
       np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5)
+    for a, b in zip(adam.m + adam.v, stock_adam.m + stock_adam.v):
+      np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4)
 
   def test_skipped_step_changes_nothing(self):
     params = [tf.Variable([1.0, -2.0])]

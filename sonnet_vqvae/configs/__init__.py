@@ -1,9 +1,8 @@
 """Configs of the trainers, and the check that an override names a real key."""
 
 import difflib
-from typing import Callable, List, Sequence
+from typing import List, Sequence
 
-from absl import flags
 from ml_collections import config_dict
 
 
@@ -52,17 +51,14 @@ def unknown_override(argv: Sequence[str], flag_name: str,
   return messages
 
 
-def flags_parser(flag_name: str,
-                 get_reference: Callable[[], config_dict.ConfigDict]
-                 ) -> Callable[[List[str]], List[str]]:
-  """An `app.run(flags_parser=...)` that reports unknown config keys in a line.
+def exit_on_unknown_override(argv: Sequence[str], flag_name: str,
+                             reference: config_dict.ConfigDict) -> None:
+  """Exits with one line per unknown `--FLAG.key=value` override in argv.
 
-  ml_collections raises a bare AttributeError (a long trace) for an override
-  of a key the config lacks; this names the key and the nearest valid ones.
+  Call it before defining the config flag: ml_collections parses overrides
+  when the flag is defined and raises a bare AttributeError (a long trace)
+  for a key the config lacks.
   """
-  def parse(argv: List[str]) -> List[str]:
-    messages = unknown_override(argv, flag_name, get_reference())
-    if messages:
-      raise flags.ValidationError("; ".join(messages))
-    return flags.FLAGS(argv)
-  return parse
+  messages = unknown_override(argv, flag_name, reference)
+  if messages:
+    raise SystemExit("\n".join(messages))
