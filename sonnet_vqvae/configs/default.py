@@ -1,14 +1,11 @@
 """Default hyperparameters: the reference VQ-VAE run on CIFAR-10.
 
 Model, quantizer and optimizer sizes follow the Sonnet 2 vqvae_example
-notebook. Two deliberate differences:
-
-* use_ema=True. The notebook defaults to the gradient-trained codebook
-  (`vq_use_ema = False`); the VQ-VAE paper (appendix A.1) reports that the EMA
-  codebook update converges faster, and it does not depend on the optimizer's
-  learning rate, so fewer codes go unused early in training.
-* num_steps=10_000. The notebook trains 10k updates on CIFAR-10 ("10k steps
-  gives reasonable accuracy"); 100k was the TF1 example's budget for a GPU.
+notebook, including its EMA codebook (`vq_use_ema = True`; the VQ-VAE paper,
+appendix A.1, reports that it converges faster, and it does not depend on the
+optimizer's learning rate). num_steps=10_000 is the notebook's budget on
+CIFAR-10 ("10k steps gives reasonable accuracy"; its loop runs 10,001); 100k
+was the TF1 example's budget for a GPU.
 """
 
 import ml_collections
