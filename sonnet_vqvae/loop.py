@@ -1,18 +1,21 @@
 """The training loop both trainers run: steps, logs, checkpoints, guards.
 
 `train.train` (the VQ-VAE) and `prior.train_on_codes` (the PixelCNN) each
-build their model, optimizer and a compiled step, then hand them to `run`,
-which owns everything a run does to its workdir:
+build their model, optimizer and a compiled step and run them through these
+functions, which own everything a run does to its workdir:
 
 * `open_run` locks the workdir (a second process on it fails at once) and
   checks that the run metadata stored there (`run.json`) describes the same
   run (its fingerprint: data, model, what a prior was trained on);
-* `run` restores the newest checkpoint (never starting from scratch over
-  checkpoints it could not read), drops metrics rows of steps a resumed run
-  will redo, writes the metadata just before the first checkpoint, logs
-  windowed means to `metrics.jsonl`, TensorBoard and the log, saves
-  checkpoints, and stops with an error naming the step when the loss is not
-  finite, keeping the last good checkpoint.
+* `restore` restores the newest checkpoint (never starting from scratch over
+  checkpoints it could not read) and drops metrics rows of steps a resumed
+  run will redo;
+* `run` writes the metadata just before the first checkpoint, logs windowed
+  means to `metrics.jsonl`, TensorBoard and the log, saves checkpoints, and
+  stops with an error naming the step when the loss is not finite, keeping
+  the last good checkpoint;
+* `write_eval` writes eval.json as valid JSON and fails on non-finite
+  metrics.
 """
 
 import math
