@@ -116,3 +116,16 @@ def check_batch_size(batch_size: int, strategy: tf.distribute.Strategy,
     raise ValueError(f"config.{key}={batch_size} is not divisible by the "
                      f"{replicas} replicas of the strategy; use a multiple of "
                      f"{replicas}.")
+
+
+def is_tpu(strategy: tf.distribute.Strategy) -> bool:
+  """Whether `strategy` runs on TPUs (which compile every step with XLA)."""
+  return isinstance(strategy, (tf.distribute.TPUStrategy,
+                               tf.distribute.experimental.TPUStrategy))
+
+
+def all_gpus(strategy: tf.distribute.Strategy) -> bool:
+  """Whether every local replica of `strategy` is a GPU."""
+  devices = getattr(strategy.extended, "worker_devices", ())
+  return bool(devices) and all(
+      tf.DeviceSpec.from_string(d).device_type == "GPU" for d in devices)

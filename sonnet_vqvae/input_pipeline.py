@@ -11,7 +11,7 @@ import os
 import socket
 import threading
 import time
-from typing import Dict, Iterator, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Set, Tuple
 import urllib.parse
 import urllib.request
 
@@ -372,7 +372,37 @@ def train_dataset(ds: tf.data.Dataset,
   return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
+def pad_batch(batch: Any, batch_size: int) -> Tuple[Any, tf.Tensor]:
+  """Pads a batch (a nest of [n, ...] tensors) with zeros to `batch_size` rows.
+
+  Returns:
+    (the padded nest, mask): mask is a [batch_size] bool, True for the n
+    real rows. Batches of one fixed shape compile once (a TPU or XLA
+    otherwise compiles again for a smaller last batch).
+  """
+  n = tf.shape(tf.nest.flatten(batch)[0])[0]
+
+  def pad(x):
+    x = tf.pad(x, [[0, batch_size - n]] + [[0, 0]] * (len(x.shape) - 1))
+    return tf.ensure_shape(x, [batch_size, *x.shape[1:]])
+
+  return tf.nest.map_structure(pad, batch), tf.range(batch_size) < n
+
+
+def padded_batches(ds: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+  """Every element of `ds` once, in order, as (batch, mask) of fixed shape.
+
+  The last batch is padded with zeros (see `pad_batch`); `mask` marks the
+  real elements.
+  """
+  return ds.batch(batch_size).map(lambda b: pad_batch(b, batch_size))
+
+
 def eval_dataset(ds: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
-  """All images of `ds` once, in order, in batches (the last may be smaller)."""
-  return ds.map(lambda example: example["image"]).batch(batch_size).prefetch(
-      tf.data.AUTOTUNE)
+  """All images of `ds` once, in order, as fixed-shape (images, mask) batches.
+
+  images: float32 [batch_size, H, W, C]; mask: bool [batch_size], False for
+  the zero images that pad the last batch.
+  """
+  return padded_batches(ds.map(lambda example: example["image"]),
+                        batch_size).prefetch(tf.data.AUTOTUNE)

@@ -10,10 +10,16 @@ functions, which own everything a run does to its workdir:
 * `restore` restores the newest checkpoint (never starting from scratch over
   checkpoints it could not read) and drops metrics rows of steps a resumed
   run will redo;
-* `run` writes the metadata just before the first checkpoint, logs windowed
-  means to `metrics.jsonl`, TensorBoard and the log, saves checkpoints, and
-  stops with an error naming the step when the loss is not finite, keeping
-  the last good checkpoint;
+* `make_loop` turns a replica step into a compiled loop that runs many steps
+  per call on the device (a `tf.while_loop` over the distributed iterator),
+  sums the metrics there and stops at a non-finite loss; `update` is the
+  replica step's guarded optimizer update and `FastestLoop` times candidate
+  loops (XLA or not) on the first steps and keeps the faster;
+* `run` calls the loop up to the next log or checkpoint step at a time,
+  writes the metadata just before the first checkpoint, logs windowed means
+  to `metrics.jsonl`, TensorBoard and the log, saves checkpoints, and stops
+  with an error naming the step when the loss is not finite, keeping the
+  last good checkpoint;
 * `write_eval` writes eval.json as valid JSON and fails on non-finite
   metrics.
 """
@@ -21,14 +27,18 @@ functions, which own everything a run does to its workdir:
 import math
 import sys
 import time
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import (Any, Callable, Dict, Iterator, Mapping, Optional,
+                    Sequence)
 
 from absl import logging
+import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 import tqdm
 
 from sonnet_vqvae import distribute
+from sonnet_vqvae import loss_scale as loss_scale_lib
+from sonnet_vqvae import optim
 from sonnet_vqvae import rundir
 
 RUN_FILE = "run.json"
@@ -120,7 +130,225 @@ def write_scalars(writer: tf.summary.SummaryWriter, prefix: str,
                          metadata=_SCALAR_METADATA)
 
 
-def run(train_step: Callable[[], Mapping[str, tf.Tensor]], *,
+# A train loop bound to its iterator: num_steps -> `make_loop`'s outputs.
+TrainLoop = Callable[[int], Mapping[str, Any]]
+# `select_loop` times XLA against plain steps only for runs at least this long:
+# on a CPU, compiling the reference model takes seconds that a shorter run
+# does not win back.
+AUTO_JIT_MIN_STEPS = 500
+
+
+def mean_over_replicas(value: Any) -> Any:
+  """A nest of tensors averaged over the replicas in sync (in replica context)."""
+  context = tf.distribute.get_replica_context()
+  if context.num_replicas_in_sync > 1:
+    return context.all_reduce(tf.distribute.ReduceOp.MEAN, value)
+  return value
+
+
+def update(optimizer: optim.Adam, params: Sequence[tf.Variable],
+           grads: Sequence[tf.Tensor], loss: tf.Tensor,
+           loss_scale: Optional[loss_scale_lib.DynamicLossScale] = None
+           ) -> tf.Tensor:
+  """A replica step's optimizer update, skipped where the loss is not finite.
+
+  Gradients and loss are averaged over the replicas, so every replica makes
+  the same update and the same decision. A non-finite mean loss skips the
+  update: `make_loop` stops after such a step, and its parameters stay those
+  of the last good step instead of turning NaN.
+
+  Args:
+    optimizer: built for `params`.
+    params: the trained variables.
+    grads: this replica's gradients of `loss` (of `loss_scale.scale_loss(loss)`
+      with a loss scale, which also skips the update when they overflow).
+    loss: this replica's loss, unscaled.
+    loss_scale: float16 training's loss scale, or None.
+
+  Returns:
+    The loss averaged over the replicas.
+  """
+  grads, loss = mean_over_replicas((list(grads), loss))
+  apply_if = tf.math.is_finite(loss)
+  if loss_scale is not None:
+    grads, finite_grads = loss_scale.update(grads)
+    apply_if = tf.logical_and(apply_if, finite_grads)
+  optimizer.apply(grads, params, apply_if)
+  return loss
+
+
+def make_loop(replica_step: Callable[[Any], Mapping[str, tf.Tensor]],
+              strategy: tf.distribute.Strategy, jit_compile: bool = False
+              ) -> Callable[[Iterator[Any], tf.Tensor], Dict[str, Any]]:
+  """Compiles `replica_step` into a loop that runs many steps per call.
+
+  One call runs up to `num_steps` steps in a `tf.while_loop` over the
+  distributed iterator, on the device, and sums the metrics there: the host
+  makes one call and one read per loop instead of one per step (the pattern
+  of Keras' steps_per_execution and orbit's loops, which TPUs need).
+
+  Args:
+    replica_step: batch -> dict of scalar float32 metrics averaged over the
+      replicas (`mean_over_replicas`), among them `loss`; it updates the model
+      (with `update`, so a non-finite loss changes no parameter).
+    strategy: the strategy the model's variables live under.
+    jit_compile: XLA-compile the replica step. The iterator and the loop stay
+      outside the compiled cluster. TPUs compile every step anyway.
+
+  Returns:
+    train_loop(iterator, num_steps) for a scalar int32 tensor num_steps >= 1
+    (a tensor: each new Python int would trace again), returning
+      steps: int32, steps run: num_steps, or fewer when one's loss was not
+        finite (the loop stops after it);
+      finite: bool, False when the last step's loss was not finite;
+      sums: the metrics summed over the steps with a finite loss;
+      last: the last step's metrics.
+
+  Raises:
+    ValueError: jit_compile with several replicas on CPUs, which TF cannot
+      XLA-compile (only GPUs and TPUs can).
+  """
+  if jit_compile and not distribute.is_tpu(strategy):
+    if (strategy.num_replicas_in_sync > 1 and
+        not distribute.all_gpus(strategy)):
+      raise ValueError(
+          "jit_compile=True with several replicas on CPUs: TF's "
+          "MirroredStrategy compiles a replica step with XLA only on GPUs "
+          "(its cross-replica sums cannot be compiled on CPUs). Use "
+          "jit_compile='auto' or False, or one replica (strategy='default').")
+    replica_step = tf.function(replica_step, jit_compile=True)
+
+  def one_step(iterator):
+    metrics = strategy.run(replica_step, args=(next(iterator),))
+    # Already averaged over the replicas: every replica holds the same value.
+    return {k: strategy.experimental_local_results(v)[0]
+            for k, v in metrics.items()}
+
+  def finite_only(metrics, finite):
+    return {k: tf.where(finite, v, tf.zeros_like(v))
+            for k, v in metrics.items()}
+
+  @tf.function
+  def train_loop(iterator, num_steps):
+    last = one_step(iterator)
+    finite = tf.math.is_finite(last["loss"])
+    sums = finite_only(last, finite)
+    steps = tf.constant(1)
+    while finite and steps < num_steps:  # AutoGraph: a tf.while_loop.
+      last = one_step(iterator)
+      finite = tf.math.is_finite(last["loss"])
+      sums = {k: v + w for (k, v), w in
+              zip(sums.items(), finite_only(last, finite).values())}
+      steps += 1
+    return {"steps": steps, "finite": finite, "sums": sums, "last": last}
+
+  return train_loop
+
+
+class FastestLoop:
+  """Runs the faster of several train loops, chosen by timing the first steps.
+
+  The first calls alternate between the candidates: one step each (it traces
+  and compiles), then `trial_steps` each, `rounds` times, timed. The loop with
+  the lowest time per step is used for the rest of the run and logged.
+  Trial steps are training steps like the others.
+  """
+
+  def __init__(self, candidates: Mapping[str, TrainLoop],
+               trial_steps: int = 10, rounds: int = 2):
+    self._candidates = dict(candidates)
+    names = list(candidates)
+    self._schedule = ([(n, 1) for n in names] +
+                      [(n, trial_steps) for _ in range(rounds) for n in names])
+    self._seconds = dict.fromkeys(names, 0.)
+    self._steps = dict.fromkeys(names, 0)
+    self.chosen = names[0] if len(names) == 1 else None
+    self.steps_per_sec: Dict[str, float] = {}
+
+  def __call__(self, num_steps: int) -> Dict[str, Any]:
+    if self.chosen is not None:
+      return self._candidates[self.chosen](num_steps)
+    name, cap = self._schedule.pop(0)
+    start = time.perf_counter()
+    out = tf.nest.map_structure(
+        np.asarray, self._candidates[name](min(cap, num_steps)))
+    if cap > 1:  # Not the first call, which traces and compiles.
+      self._seconds[name] += time.perf_counter() - start
+      self._steps[name] += int(out["steps"])
+    if not self._schedule:
+      self.steps_per_sec = {n: self._steps[n] / max(self._seconds[n], 1e-9)
+                            for n in self._candidates}
+      self.chosen = max(self.steps_per_sec, key=self.steps_per_sec.get)
+      logging.info("jit_compile='auto': %s; using %s.", ", ".join(
+          f"{n} {r:.1f} steps/s" for n, r in self.steps_per_sec.items()),
+                   self.chosen)
+    return out
+
+
+def select_loop(replica_step: Callable[[Any], Mapping[str, tf.Tensor]],
+                strategy: tf.distribute.Strategy, iterator: Iterator[Any],
+                jit_compile: Any, num_steps: int) -> TrainLoop:
+  """The train loop of `replica_step` for a run of `num_steps` more steps.
+
+  Args:
+    replica_step, strategy: as for `make_loop`.
+    iterator: the distributed iterator the loop reads.
+    jit_compile: True, False or "auto": time XLA against plain steps on the
+      first steps (`FastestLoop`) and keep the faster, since which one wins
+      depends on the model and the machine. "auto" runs without XLA, saying
+      why, on TPUs (they compile anyway), on several CPU replicas (TF cannot
+      compile them) and for runs shorter than AUTO_JIT_MIN_STEPS.
+    num_steps: steps this invocation will run.
+
+  Returns:
+    train_loop(num_steps) -> `make_loop`'s outputs as NumPy values.
+  """
+  def bind(jit):
+    compiled = make_loop(replica_step, strategy, jit)
+    return lambda n: tf.nest.map_structure(
+        np.asarray, compiled(iterator, tf.constant(n, tf.int32)))
+
+  if jit_compile != "auto":
+    return bind(bool(jit_compile))
+  reason = None
+  if distribute.is_tpu(strategy):
+    reason = "TPUs compile every step with XLA anyway"
+  elif (strategy.num_replicas_in_sync > 1 and
+        not distribute.all_gpus(strategy)):
+    reason = "TF cannot XLA-compile several CPU replicas"
+  elif num_steps < AUTO_JIT_MIN_STEPS:
+    reason = (f"{num_steps} steps are too few to win back XLA's compile "
+              f"time (timing starts at {AUTO_JIT_MIN_STEPS})")
+  if reason:
+    logging.info("jit_compile='auto': without XLA: %s.", reason)
+    return bind(False)
+  return FastestLoop({"XLA": bind(True), "no XLA": bind(False)})
+
+
+def check_loop_config(config: Any) -> None:
+  """Raises ValueError for a config's jit_compile or steps_per_loop.
+
+  Both trainers' configs have them: jit_compile True, False or "auto" (see
+  `select_loop`), steps_per_loop None (up to the next log or checkpoint
+  step) or a positive int.
+  """
+  if not (config.jit_compile is True or config.jit_compile is False or
+          config.jit_compile == "auto"):
+    raise ValueError("config.jit_compile must be True, False or 'auto', got "
+                     f"{config.jit_compile!r}.")
+  per_loop = config.steps_per_loop
+  if per_loop is not None and (isinstance(per_loop, bool) or
+                               not isinstance(per_loop, int) or per_loop < 1):
+    raise ValueError("config.steps_per_loop must be None (up to the next log "
+                     "or checkpoint step) or a positive int, got "
+                     f"{per_loop!r}.")
+
+
+def _next_multiple(step: int, every: int) -> int:
+  return (step // every + 1) * every
+
+
+def run(train_loop: TrainLoop, *,
         run_dir: rundir.RunDir,
         checkpoints: rundir.Checkpoints,
         start_step: int,
@@ -130,13 +358,19 @@ def run(train_step: Callable[[], Mapping[str, tf.Tensor]], *,
         metadata: Mapping[str, Any],
         fingerprint: Mapping[str, Any],
         describe: Callable[[Mapping[str, float]], str],
+        steps_per_loop: Optional[int] = None,
         summary_prefix: str = "train",
         after_checkpoint: Optional[Callable[[int], None]] = None
         ) -> Dict[str, float]:
-  """Runs `train_step` from `start_step` to `num_steps`.
+  """Runs `train_loop` from `start_step` to `num_steps`.
+
+  Each call of the loop runs up to the next log or checkpoint step (or
+  `steps_per_loop` steps, if fewer); everything on the host happens between
+  calls.
 
   Args:
-    train_step: runs one step and returns scalar metrics, among them `loss`.
+    train_loop: num_steps -> `make_loop`'s outputs (see `select_loop`); it
+      may run fewer steps than asked and says how many.
     run_dir: the run's directory (from `open_run`).
     checkpoints: the run's checkpoints (from `checkpoints_of`), restored.
     start_step: the restored step.
@@ -148,6 +382,8 @@ def run(train_step: Callable[[], Mapping[str, tf.Tensor]], *,
       leaves none, so a failed start cannot leave settings for the next).
     fingerprint: see `open_run`.
     describe: a row -> the text of its log line after "step N/M".
+    steps_per_loop: most steps per call; None: up to the next log or
+      checkpoint step.
     summary_prefix: TensorBoard tag prefix.
     after_checkpoint: called with the step after each checkpoint but the
       last (e.g. a validation pass).
@@ -156,8 +392,8 @@ def run(train_step: Callable[[], Mapping[str, tf.Tensor]], *,
     The last metrics row ({} when there was nothing to train).
 
   Raises:
-    FloatingPointError: the loss was not finite; training stopped there and
-      the last good checkpoint is kept.
+    FloatingPointError: the loss was not finite; training stopped after that
+      step, whose update was skipped, and the last good checkpoint is kept.
   """
   writer = (tf.summary.create_file_writer(run_dir.workdir) if run_dir.writer
             else tf.summary.create_noop_writer())
@@ -170,20 +406,25 @@ def run(train_step: Callable[[], Mapping[str, tf.Tensor]], *,
   last_good, step = (start_step or None), start_step
   window_start, window_first = time.time(), step
   while step < num_steps:
-    metrics = {k: float(v) for k, v in train_step().items()}
-    step += 1
-    progress.update()
-    if not math.isfinite(metrics["loss"]):
+    stop = min(num_steps, _next_multiple(step, log_every),
+               _next_multiple(step, checkpoint_every))
+    if steps_per_loop:
+      stop = min(stop, step + steps_per_loop)
+    out = tf.nest.map_structure(np.asarray, train_loop(stop - step))
+    step += int(out["steps"])
+    progress.update(int(out["steps"]))
+    if not out["finite"]:
+      last = {k: float(v) for k, v in out["last"].items()}
       kept = (f"the last good checkpoint (step {last_good}) in "
               f"{checkpoints.directory} is kept" if last_good else
               "no checkpoint had been written yet")
       raise FloatingPointError(
-          f"Non-finite loss {metrics['loss']} at step {step} ({metrics}); "
-          f"training stopped and {kept}. Lower the learning rate or check "
-          "the data.")
-    for k, v in metrics.items():
-      sums[k] = sums.get(k, 0.) + v
-    count += 1
+          f"Non-finite loss {last['loss']} at step {step} ({last}); "
+          f"training stopped there, without its update, and {kept}. Lower "
+          "the learning rate or check the data.")
+    for k, v in out["sums"].items():
+      sums[k] = sums.get(k, 0.) + float(v)
+    count += int(out["steps"])
     if step % log_every == 0 or step == num_steps:
       steps_per_sec = (step - window_first) / (time.time() - window_start)
       row = {k: v / count for k, v in sums.items()}

@@ -124,10 +124,16 @@ def evaluate(model: pixelcnn.GatedPixelCNN, data: Dict[str, np.ndarray],
       uniform_nats_per_code: log K, the cost of a uniform prior.
       uniform_bits_per_dim: the same in bits per image dimension.
   """
-  total_nll = tf.function(
-      lambda codes, labels: tf.reduce_sum(code_nll(model, codes, labels)))
-  dataset = tf.data.Dataset.from_tensor_slices(data).batch(batch_size)
-  total = sum(float(total_nll(b["codes"], b["labels"])) for b in dataset)
+  dataset = input_pipeline.padded_batches(
+      tf.data.Dataset.from_tensor_slices(data), batch_size)
+
+  # One fixed batch shape (the last batch padded and masked): compiled once.
+  @tf.function(input_signature=dataset.element_spec)
+  def total_nll(batch, mask):
+    nll = code_nll(model, batch["codes"], batch["labels"])
+    return tf.reduce_sum(tf.where(mask, tf.reduce_sum(nll, [1, 2]), 0.))
+
+  total = sum(float(total_nll(batch, mask)) for batch, mask in dataset)
   codes_per_grid = int(np.prod(data["codes"].shape[1:]))
   nats_per_code = total / data["codes"].size
   uniform = math.log(model.num_embeddings)
@@ -158,7 +164,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
   Unknown keys (typos; the error names the nearest valid ones), sizes,
   steps and intervals that are not positive, a learning rate or temperature
-  that is not a positive finite number, an unknown strategy.
+  that is not a positive finite number, an unknown strategy, jit_compile or
+  steps_per_loop.
   """
   configs.check_keys(config, prior_config.get_config())
   for key in ("hidden_channels", "num_layers", "kernel_size", "batch_size",
@@ -172,6 +179,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{key} must be a positive finite number, got "
                        f"{config[key]}.")
   distribute.check_strategy_name(config.strategy)
+  loop.check_loop_config(config)
 
 
 def fingerprint(config: ml_collections.ConfigDict, num_embeddings: int,
@@ -271,18 +279,21 @@ def train_on_codes(config: ml_collections.ConfigDict,
                .shuffle(len(train_data["codes"]), seed=config.seed).repeat()
                .batch(config.batch_size, drop_remainder=True).skip(start)
                .prefetch(tf.data.AUTOTUNE))
-    batches = iter(strategy.experimental_distribute_dataset(dataset))
-    train_step = _make_train_step(model, optimizer, strategy)
+    train_loop = loop.select_loop(
+        _make_replica_step(model, optimizer), strategy,
+        iter(strategy.experimental_distribute_dataset(dataset)),
+        config.jit_compile, config.num_steps - start)
 
     def validate(step):
       # The CIFAR-10 subset is small: watch the test NLL for overfitting.
       logging.info("step %d: test NLL %.4f nats/code", step, evaluate(
           model, test_data, config.eval_batch_size)["nll_nats_per_code"])
 
-    loop.run(lambda: train_step(next(batches)), run_dir=run_dir,
+    loop.run(train_loop, run_dir=run_dir,
              checkpoints=checkpoints, start_step=start,
              num_steps=config.num_steps, log_every=config.log_every,
              checkpoint_every=config.checkpoint_every,
+             steps_per_loop=config.steps_per_loop,
              metadata={"config": config.to_dict(), **(metadata or {})},
              fingerprint=print_,
              describe=lambda row: f"train NLL {row['loss']:.4f} nats/code",
@@ -302,29 +313,19 @@ def train_on_codes(config: ml_collections.ConfigDict,
   return metrics
 
 
-def _make_train_step(model: pixelcnn.GatedPixelCNN, optimizer: optim.Adam,
-                     strategy: tf.distribute.Strategy):
-  """Returns step(batch) -> {'loss': mean NLL in nats/code over replicas}."""
+def _make_replica_step(model: pixelcnn.GatedPixelCNN, optimizer: optim.Adam):
+  """Returns replica_step(batch) -> {'loss': mean NLL in nats/code}."""
 
-  def replica_step(codes, labels):
+  def replica_step(batch):
     with tf.GradientTape() as tape:
-      loss = tf.reduce_mean(code_nll(model, codes, labels))
+      loss = tf.reduce_mean(code_nll(model, batch["codes"], batch["labels"]))
     # Dense: Adam's moments are dense; the embedding's gradient is sparse.
     grads = [tf.convert_to_tensor(g)
              for g in tape.gradient(loss, model.trainable_variables)]
-    context = tf.distribute.get_replica_context()
-    if context.num_replicas_in_sync > 1:
-      grads = context.all_reduce(tf.distribute.ReduceOp.MEAN, grads)
-    optimizer.apply(grads, model.trainable_variables)
-    return loss
+    return {"loss": loop.update(optimizer, model.trainable_variables, grads,
+                                loss)}
 
-  @tf.function
-  def step(batch):
-    losses = strategy.run(replica_step,
-                          args=(batch["codes"], batch["labels"]))
-    return {"loss": strategy.reduce("mean", losses, axis=None)}
-
-  return step
+  return replica_step
 
 
 def _data_options(config: ml_collections.ConfigDict,

@@ -14,13 +14,14 @@ Distribution: every strategy (one device, `snt.distribute.Replicator`,
 `TpuReplicator`, `MultiWorkerMirroredStrategy`; see `distribute`) runs the same
 replica step: gradients are all-reduced (mean) and every replica applies the
 same update with `optim.Adam`, whose state, like the model's, is created by
-`distribute.replica_consistent_variables`.
+`distribute.replica_consistent_variables`. The step runs in `loop`'s compiled
+loop, many steps per call, with XLA if it is faster (`jit_compile="auto"`).
 
 The input pipeline's position is not checkpointed; a resumed run reshuffles
 with seed + step.
 """
 
-import contextlib
+import functools
 import math
 import os
 import sys
@@ -32,7 +33,6 @@ from absl import logging
 from ml_collections import config_dict
 from ml_collections import config_flags
 import numpy as np
-import sonnet as snt
 import tensorflow as tf
 
 from sonnet_vqvae import distribute
@@ -42,6 +42,7 @@ from sonnet_vqvae import loss_scale as loss_scale_lib
 from sonnet_vqvae import networks
 from sonnet_vqvae import optim
 from sonnet_vqvae import plotting
+from sonnet_vqvae import precision
 from sonnet_vqvae import rundir
 from sonnet_vqvae import configs
 from sonnet_vqvae.configs import default
@@ -88,10 +89,11 @@ def validate_config(config: config_dict.ConfigDict) -> None:
   if not config.commitment_cost >= 0:
     raise ValueError("config.commitment_cost must be >= 0, got "
                      f"{config.commitment_cost}.")
-  if config.mixed_precision not in (None, "bfloat16", "float16"):
+  if config.mixed_precision not in precision.CHOICES:
     raise ValueError(
-        "config.mixed_precision must be None, 'bfloat16' or 'float16', got "
-        f"{config.mixed_precision!r}.")
+        "config.mixed_precision must be None (float32), 'auto', 'bfloat16' or "
+        f"'float16', got {config.mixed_precision!r}.")
+  loop.check_loop_config(config)
   if config.strategy not in STRATEGIES:
     raise ValueError(
         f"config.strategy must be one of {STRATEGIES}, got {config.strategy!r}.")
@@ -125,32 +127,31 @@ def create_model_and_optimizer(
   with strategy.scope(), tf.variable_creator_scope(
       distribute.replica_consistent_variables):
     model = networks.build_model(config, data_variance)
+    mixed_precision = precision.resolve(config.mixed_precision, strategy)[0]
     optimizer = optim.Adam(config.learning_rate, loss_scale=(
         loss_scale_lib.DynamicLossScale()
-        if config.mixed_precision == "float16" else None))
+        if mixed_precision == "float16" else None))
     # Sonnet creates variables on the first call; create them now, so that a
     # checkpoint restores into existing variables and mismatches are caught.
-    with precision_scope(config.mixed_precision):
+    with precision.scope(mixed_precision):
       model(tf.zeros([1, *image_shape]), is_training=False)
     optimizer.build(model.trainable_variables)
   return model, optimizer
 
 
-def precision_scope(mixed_precision: Optional[str]):
-  """Context in which the model computes in `mixed_precision` (None: float32)."""
-  if mixed_precision is None:
-    return contextlib.nullcontext()
-  return snt.mixed_precision.scope(tf.as_dtype(mixed_precision))
+# Kept for existing callers; `precision` is its home.
+precision_scope = precision.scope
 
 
-def make_train_step(model: networks.VQVAEModel, optimizer: optim.Adam,
-                    strategy: tf.distribute.Strategy, jit_compile: bool,
-                    mixed_precision: Optional[str] = None):
-  """Returns step(iterator) -> dict of scalar metrics (means over replicas).
+def make_replica_step(model: networks.VQVAEModel, optimizer: optim.Adam,
+                      mixed_precision: Optional[str] = None):
+  """Returns replica_step(images) -> dict of scalar metrics (replica means).
 
-  With float16, the optimizer's loss scale scales the loss; a step whose
-  gradients overflow changes nothing but the scale. The metrics then include
-  loss_scale.
+  One step on one replica's [B, H, W, C] images: gradients and loss are
+  averaged over the replicas and the update is skipped when the loss is not
+  finite (`loop.update`). With float16, the optimizer's loss scale scales
+  the loss; a step whose gradients overflow changes nothing but the scale,
+  and the metrics include loss_scale.
 
   Raises:
     ValueError: for float16 with an optimizer that has no loss scale.
@@ -161,45 +162,46 @@ def make_train_step(model: networks.VQVAEModel, optimizer: optim.Adam,
                      "Adam(..., loss_scale=DynamicLossScale()).")
 
   def replica_step(images):
-    with tf.GradientTape() as tape, precision_scope(mixed_precision):
+    with tf.GradientTape() as tape, precision.scope(mixed_precision):
       out = model(images, is_training=True)
       loss = (out["loss"] if loss_scale is None
               else loss_scale.scale_loss(out["loss"]))
     params = model.trainable_variables
-    grads = tape.gradient(loss, params)
-    context = tf.distribute.get_replica_context()
-    if context.num_replicas_in_sync > 1:
-      grads = context.all_reduce(tf.distribute.ReduceOp.MEAN, grads)
-    apply_if = None
-    if loss_scale is not None:
-      grads, apply_if = loss_scale.update(grads)
-    optimizer.apply(grads, params, apply_if)
+    loss = loop.update(optimizer, params, tape.gradient(loss, params),
+                       out["loss"], loss_scale)
     vq = out["vq_output"]
-    metrics = {"loss": out["loss"], "recon_error": out["recon_error"],
+    metrics = {"recon_error": out["recon_error"],
                "perplexity": vq["perplexity"],
                "codes_used": tf.cast(vq["codes_used"], tf.float32),
                # Usage over ~70 steps: one batch's count depends on its size.
                "codes_used_ema": tf.cast(vq["codes_used_ema"], tf.float32)}
     if loss_scale is not None:
       metrics["loss_scale"] = loss_scale.scale.read_value()
-    if context.num_replicas_in_sync > 1:
-      metrics = context.all_reduce(tf.distribute.ReduceOp.MEAN, metrics)
-    return metrics
+    return dict(loop.mean_over_replicas(metrics), loss=loss)
 
-  # XLA cannot compile a replica function whose variables live on another
-  # device than the one it is placed on (a TF known issue), so several local
-  # replicas run without it; TPUStrategy compiles with XLA anyway.
-  replica_step = tf.function(
-      replica_step,
-      jit_compile=jit_compile and strategy.num_replicas_in_sync == 1)
+  return replica_step
 
-  @tf.function
-  def step(iterator):
-    metrics = strategy.run(replica_step, args=(next(iterator),))
-    return {k: strategy.experimental_local_results(v)[0]
-            for k, v in metrics.items()}
 
-  return step
+def make_train_loop(model: networks.VQVAEModel, optimizer: optim.Adam,
+                    strategy: tf.distribute.Strategy, jit_compile: bool,
+                    mixed_precision: Optional[str] = None):
+  """`loop.make_loop` of `make_replica_step`: train_loop(iterator, steps)."""
+  return loop.make_loop(make_replica_step(model, optimizer, mixed_precision),
+                        strategy, jit_compile)
+
+
+def make_train_step(model: networks.VQVAEModel, optimizer: optim.Adam,
+                    strategy: tf.distribute.Strategy, jit_compile: bool,
+                    mixed_precision: Optional[str] = None):
+  """Returns step(iterator) -> the metrics of one step: a loop of one step.
+
+  Raises:
+    ValueError: as `make_replica_step` and `loop.make_loop`.
+  """
+  train_loop = make_train_loop(model, optimizer, strategy, jit_compile,
+                               mixed_precision)
+  one = tf.constant(1)
+  return lambda iterator: train_loop(iterator, one)["last"]
 
 
 def train(config: config_dict.ConfigDict,
@@ -241,13 +243,16 @@ def train(config: config_dict.ConfigDict,
             train_split, config.batch_size,
             shuffle_buffer=config.shuffle_buffer, seed=config.seed + step,
             input_context=ctx))
-    iterator = iter(dataset)
-    train_step = make_train_step(model, optimizer, strategy, config.jit_compile,
-                                 config.mixed_precision)
-    loop.run(lambda: train_step(iterator), run_dir=run_dir,
+    mixed_precision, why = precision.resolve(config.mixed_precision, strategy)
+    logging.info("Computing in %s: %s.", mixed_precision or "float32", why)
+    train_loop = loop.select_loop(
+        make_replica_step(model, optimizer, mixed_precision), strategy,
+        iter(dataset), config.jit_compile, config.num_steps - step)
+    loop.run(train_loop, run_dir=run_dir,
              checkpoints=checkpoints, start_step=step,
              num_steps=config.num_steps, log_every=config.log_every,
              checkpoint_every=config.checkpoint_every,
+             steps_per_loop=config.steps_per_loop,
              metadata={"config": config.to_dict(), "data_variance": variance},
              fingerprint=print_, describe=_describe)
     loop.remove_scratch(checkpoints)
@@ -307,27 +312,45 @@ def _evaluate(model: networks.VQVAEModel, dataset: tf.data.Dataset
               ) -> Tuple[Dict[str, float], np.ndarray, Tuple[np.ndarray,
                                                               np.ndarray]]:
   """`evaluate`'s metrics, the [K] code histogram and the first batch."""
-  # Any batch size, the last batch's too, without retracing.
-  @tf.function(input_signature=[tf.TensorSpec(
-      [None, *dataset.element_spec.shape[1:]], tf.float32)])
-  def batch_stats(images):
+  if not isinstance(dataset.element_spec, tuple):
+    # Image batches: pad each to the first's size, so they share one shape.
+    first = next(iter(dataset), None)
+    if first is None:
+      raise ValueError("evaluate: the dataset holds no images.")
+    dataset = dataset.map(functools.partial(input_pipeline.pad_batch,
+                                            batch_size=int(first.shape[0])))
+  images_spec = dataset.element_spec[0]
+
+  # One fixed batch shape: compiled once, also for the padded last batch.
+  @tf.function(input_signature=[images_spec,
+                                tf.TensorSpec(images_spec.shape[:1], tf.bool)])
+  def batch_stats(images, mask):
     out = model(images, is_training=False)
-    indices = tf.reshape(out["vq_output"]["encoding_indices"], [-1])
-    counts = tf.math.bincount(tf.cast(indices, tf.int32),
+    indices = out["vq_output"]["encoding_indices"]
+    valid = tf.cast(mask, tf.float64)
+    code_weights = tf.broadcast_to(
+        tf.reshape(valid, [-1] + [1] * (len(indices.shape) - 1)),
+        tf.shape(indices))
+    counts = tf.math.bincount(tf.reshape(tf.cast(indices, tf.int32), [-1]),
+                              weights=tf.reshape(code_weights, [-1]),
                               minlength=model.quantizer.num_embeddings,
                               maxlength=model.quantizer.num_embeddings,
                               dtype=tf.float64)
-    squared = tf.reduce_sum(tf.square(tf.cast(out["x_recon"] - images,
-                                              tf.float64)))
-    return squared, tf.cast(tf.size(images), tf.float64), counts, out["x_recon"]
+    per_image = tf.reduce_sum(
+        tf.square(tf.cast(out["x_recon"] - images, tf.float64)),
+        axis=list(range(1, len(images.shape))))
+    size = tf.reduce_sum(valid) * float(np.prod(images.shape[1:]))
+    return (tf.reduce_sum(tf.where(mask, per_image, 0.)), size, counts,
+            out["x_recon"])
 
   squared, size, counts, first = 0., 0., 0., None
-  for images in dataset:
-    s, n, c, recon = batch_stats(images)
+  for images, mask in dataset:
+    s, n, c, recon = batch_stats(images, mask)
     squared, size, counts = squared + s, size + n, counts + c
     if first is None:
-      first = (images.numpy(), recon.numpy())
-  if first is None:
+      real = mask.numpy()
+      first = (images.numpy()[real], recon.numpy()[real])
+  if first is None or not size:
     raise ValueError("evaluate: the dataset holds no images.")
   mse = float(squared / size)
   counts = np.asarray(counts)
@@ -342,7 +365,14 @@ def _evaluate(model: networks.VQVAEModel, dataset: tf.data.Dataset
 
 def evaluate(model: networks.VQVAEModel,
              dataset: tf.data.Dataset) -> Dict[str, float]:
-  """Evaluates on every image of `dataset` (batches of [B, H, W, 3]).
+  """Evaluates on every image of `dataset`.
+
+  Args:
+    model: the VQ-VAE.
+    dataset: fixed-shape (images, mask) batches as from
+      `input_pipeline.eval_dataset` (one compiled shape; the mask drops the
+      padding), or batches of [B, H, W, 3] images, each no larger than the
+      first (they are padded to its size).
 
   Returns:
     nmse (MSE / training variance), mse, psnr (dB, images of range 1), and

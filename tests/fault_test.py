@@ -117,13 +117,13 @@ class RunMetadataTest(absltest.TestCase):
   def test_failed_start_leaves_no_run_metadata(self):
     """Case 2: a run that never checkpointed leaves nothing to adopt."""
     workdir = tempfile.mkdtemp()
-    real_make_train_step = train.make_train_step
+    real_make_replica_step = train.make_replica_step
 
     def nan_step(*args, **kwargs):
-      step = real_make_train_step(*args, **kwargs)
-      return lambda iterator: dict(step(iterator), loss=tf.constant(np.nan))
+      step = real_make_replica_step(*args, **kwargs)
+      return lambda images: step(images * np.nan)
 
-    with absltest.mock.patch.object(train, "make_train_step", nan_step):
+    with absltest.mock.patch.object(train, "make_replica_step", nan_step):
       with self.assertRaisesRegex(FloatingPointError,
                                   "at step 1.*no checkpoint had been written"):
         _train(tiny.vqvae_config(), workdir)

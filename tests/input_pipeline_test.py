@@ -334,8 +334,15 @@ class InputPipelineTest(parameterized.TestCase):
 
   def test_eval_dataset_covers_split_once(self):
     _, ds = _examples(10)
-    sizes = [b.shape[0] for b in input_pipeline.eval_dataset(ds, 4)]
-    self.assertEqual(sizes, [4, 4, 2])
+    images = np.stack([e["image"] for e in ds.as_numpy_iterator()])
+    batches = list(input_pipeline.eval_dataset(ds, 4).as_numpy_iterator())
+    # One shape for every batch; the last is padded with zeros and masked.
+    self.assertEqual({b.shape for b, _ in batches}, {(4, 32, 32, 3)})
+    self.assertEqual([m.tolist() for _, m in batches],
+                     [[True] * 4, [True] * 4, [True, True, False, False]])
+    real = np.concatenate([b[m] for b, m in batches])
+    np.testing.assert_array_equal(real, images)
+    np.testing.assert_array_equal(batches[-1][0][2:], 0.)
 
 
 if __name__ == "__main__":

@@ -89,14 +89,16 @@ class TrainTest(parameterized.TestCase):
     config = tiny_config(mixed_precision=precision)
     strategy = tf.distribute.get_strategy()
     model, optimizer = train.create_model_and_optimizer(config, 0.06, strategy)
-    step = train.make_train_step(model, optimizer, strategy, jit_compile=False,
-                                 mixed_precision=precision)
+    train_loop = train.make_train_loop(model, optimizer, strategy,
+                                       jit_compile=False,
+                                       mixed_precision=precision)
     images = tf.data.Dataset.from_tensors(
         tf.random.stateless_uniform([4, 32, 32, 3], [0, 1]) - 0.5).repeat()
-    iterator = iter(images)
-    rows = [step(iterator) for _ in range(20)]
+    iterator, one = iter(images), tf.constant(1)
+    rows = [train_loop(iterator, one)["last"] for _ in range(20)]
     self.assertLess(float(rows[-1]["loss"]), float(rows[0]["loss"]))
-    graph = step.get_concrete_function(iterator).graph.as_graph_def()
+    graph = train_loop.get_concrete_function(
+        iterator, one).graph.as_graph_def()
     conv_types = {node.attr["T"].type for function in graph.library.function
                   for node in function.node_def if node.op == "Conv2D"}
     self.assertIn(tf.as_dtype(precision).as_datatype_enum, conv_types)

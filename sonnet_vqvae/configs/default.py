@@ -43,12 +43,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 32  # Global, split evenly across replicas.
   config.num_steps = 10_000
   config.seed = 0
-  # XLA for the train step. Off: on a 2-core CPU it is slower (589 vs 663
-  # images/s, bench/train_throughput.py); try it on GPU/TPU.
-  config.jit_compile = False
-  # None (float32), "bfloat16" or "float16": the convolutions compute in that
-  # type on float32 variables. bfloat16 suits TPUs and recent GPUs, float16
-  # (with dynamic loss scaling) GPUs; both are slower on CPUs.
+  # XLA for the train step: True, False or "auto", which times both on the
+  # first steps and keeps the faster (which one wins depends on the model and
+  # the machine; see loop.select_loop).
+  config.jit_compile = ml_collections.config_dict.FieldReference(
+      "auto", field_type=object)
+  # Train steps per call of the compiled loop; None: up to the next log or
+  # checkpoint step, so the host reads metrics once per log_every steps.
+  config.steps_per_loop = ml_collections.config_dict.placeholder(int)
+  # None (float32), "auto", "bfloat16" or "float16": the convolutions compute
+  # in that type on float32 variables; "auto" picks bfloat16 on TPUs, GPUs of
+  # compute capability >= 8.0 and CPUs with AMX-BF16 (see `precision`).
+  # float32 is the default: bfloat16's test NMSE cost at the reference budget
+  # has not been measured yet (README, "Precision").
   config.mixed_precision = ml_collections.config_dict.placeholder(str)
   # "auto", "default" (one device), "mirrored", "replicator", "tpu" or
   # "multi_worker".

@@ -28,6 +28,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   # As the VQ-VAE's: "auto", "default", "replicator", "tpu", "multi_worker".
   config.strategy = "auto"
+  # As the VQ-VAE's (see loop.select_loop): True, False or "auto".
+  config.jit_compile = ml_collections.config_dict.FieldReference(
+      "auto", field_type=object)
+  # Steps per call of the compiled loop; None: up to the next log step.
+  config.steps_per_loop = ml_collections.config_dict.placeholder(int)
 
   # Data: None uses the VQ-VAE run's data_dir / download settings.
   config.data_dir = ml_collections.config_dict.placeholder(str)

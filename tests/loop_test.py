@@ -1,0 +1,341 @@
+"""The compiled train loop: many steps per call, XLA, the guard, the choice."""
+
+import os
+import tempfile
+import time
+
+from absl import logging
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from sonnet_vqvae import distribute
+from sonnet_vqvae import loop
+from sonnet_vqvae import precision
+from sonnet_vqvae import rundir
+from sonnet_vqvae import train
+import tiny
+
+
+def _batches(count, seed=0, nan_at=None):
+  """`count` different [4, 32, 32, 3] batches; batch `nan_at` all NaN."""
+  images = tf.random.stateless_uniform([count, 4, 32, 32, 3], [seed, 1]) - .5
+  if nan_at is not None:
+    images = tf.tensor_scatter_nd_update(
+        images, [[nan_at]], tf.fill([1, 4, 32, 32, 3], np.nan))
+  return tf.data.Dataset.from_tensor_slices(images)
+
+
+def _model(strategy=None, **overrides):
+  strategy = strategy or tf.distribute.get_strategy()
+  return train.create_model_and_optimizer(tiny.vqvae_config(**overrides),
+                                          0.06, strategy)
+
+
+def _state(model, optimizer):
+  return [v.numpy() for v in model.variables + optimizer.variables]
+
+
+def _copy(source, target):
+  for s, t in zip(source.variables, target.variables):
+    t.assign(s)
+
+
+class LoopTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(("plain", False), ("xla", True))
+  def test_k_steps_in_one_call_equal_k_calls_of_one_step(self, jit_compile):
+    k = 5
+    strategy = tf.distribute.get_strategy()
+    model_a, optimizer_a = _model()
+    model_b, optimizer_b = _model()
+    _copy(model_a, model_b)
+    loop_a = train.make_train_loop(model_a, optimizer_a, strategy, jit_compile)
+    loop_b = train.make_train_loop(model_b, optimizer_b, strategy, jit_compile)
+    out = loop_a(iter(_batches(k)), tf.constant(k))
+    self.assertEqual(int(out["steps"]), k)
+    self.assertTrue(bool(out["finite"]))
+    iterator, singles = iter(_batches(k)), []
+    for _ in range(k):
+      singles.append(loop_b(iterator, tf.constant(1)))
+    # Same batches, same order, same arithmetic: the same parameters.
+    for a, b in zip(_state(model_a, optimizer_a), _state(model_b, optimizer_b)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    self.assertEqual(int(optimizer_a.step.numpy()), k)
+    for key, total in out["sums"].items():
+      self.assertAlmostEqual(
+          float(total), sum(float(s["sums"][key]) for s in singles),
+          places=4, msg=key)
+    for key, value in out["last"].items():
+      self.assertAlmostEqual(float(value), float(singles[-1]["last"][key]),
+                             places=5, msg=key)
+
+  def test_xla_loop_trains_like_the_plain_loop(self):
+    strategy = tf.distribute.get_strategy()
+    model_a, optimizer_a = _model()
+    model_b, optimizer_b = _model()
+    _copy(model_a, model_b)
+    plain = train.make_train_loop(model_a, optimizer_a, strategy, False)
+    xla = train.make_train_loop(model_b, optimizer_b, strategy, True)
+    a = plain(iter(_batches(8).repeat()), tf.constant(8))
+    b = xla(iter(_batches(8).repeat()), tf.constant(8))
+    # Loss falls, and XLA's rounding stays within float32 noise of TF's.
+    self.assertLess(float(b["last"]["loss"]), float(b["sums"]["loss"]) / 8)
+    self.assertAlmostEqual(float(a["sums"]["loss"]), float(b["sums"]["loss"]),
+                           places=3)
+    for x, y in zip(model_a.trainable_variables, model_b.trainable_variables):
+      np.testing.assert_allclose(x.numpy(), y.numpy(), atol=1e-4,
+                                 err_msg=x.name)
+
+  @parameterized.named_parameters(("plain", False), ("xla", True))
+  def test_non_finite_loss_stops_the_loop_before_its_update(self, jit_compile):
+    strategy = tf.distribute.get_strategy()
+    model, optimizer = _model()
+    reference, reference_optimizer = _model()
+    _copy(model, reference)
+    _copy(optimizer, reference_optimizer)
+    train_loop = train.make_train_loop(model, optimizer, strategy, jit_compile)
+    iterator = iter(_batches(6, nan_at=2))
+    out = train_loop(iterator, tf.constant(6))
+    # Steps 1 and 2 trained, step 3 was not finite: the loop stopped there.
+    self.assertEqual(int(out["steps"]), 3)
+    self.assertFalse(bool(out["finite"]))
+    self.assertTrue(np.isnan(float(out["last"]["loss"])))
+    self.assertTrue(np.isfinite(float(out["sums"]["loss"])))
+    # No update from the bad step: the state is that of the two good ones.
+    train.make_train_loop(reference, reference_optimizer, strategy,
+                          jit_compile)(iter(_batches(2)), tf.constant(2))
+    for a, b in zip(_state(model, optimizer),
+                    _state(reference, reference_optimizer)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    self.assertEqual(int(optimizer.step.numpy()), 2)
+    # The iterator stands after the bad batch: nothing more was read.
+    np.testing.assert_array_equal(
+        next(iterator), list(_batches(6).skip(3).take(1))[0])
+
+  @pytest.mark.slow
+  def test_two_replicas_loop_matches_one(self):
+    self.assertLen(tf.config.list_logical_devices("CPU"), 2)
+    replicator = distribute.make_strategy("replicator")
+    model_a, optimizer_a = _model()
+    model_b, optimizer_b = _model(replicator)
+    _copy(model_a, model_b)
+    one = train.make_train_loop(model_a, optimizer_a,
+                                tf.distribute.get_strategy(), False)
+    two = train.make_train_loop(model_b, optimizer_b, replicator, False)
+    one(iter(_batches(3)), tf.constant(3))
+    out = two(iter(replicator.experimental_distribute_dataset(_batches(3))),
+              tf.constant(3))
+    self.assertEqual(int(out["steps"]), 3)
+    for a, b in zip(model_a.variables, model_b.variables):
+      np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5,
+                                 err_msg=a.name)
+
+  def test_xla_on_two_cpu_replicas_is_a_clear_error(self):
+    replicator = distribute.make_strategy("replicator")
+    model, optimizer = _model(replicator)
+    with self.assertRaisesRegex(ValueError, "only on GPUs.*'auto' or False"):
+      train.make_train_loop(model, optimizer, replicator, True)
+    # "auto" runs the replicas without XLA and says why.
+    with self.assertLogs(level="INFO") as logs:
+      train_loop = loop.select_loop(
+          train.make_replica_step(model, optimizer), replicator,
+          iter(replicator.experimental_distribute_dataset(_batches(2))),
+          "auto", num_steps=10_000)
+    self.assertIn("cannot XLA-compile several CPU replicas",
+                  "\n".join(logs.output))
+    self.assertEqual(int(train_loop(2)["steps"]), 2)
+
+  def test_auto_skips_xla_for_short_runs(self):
+    model, optimizer = _model()
+    with self.assertLogs(level="INFO") as logs:
+      train_loop = loop.select_loop(
+          train.make_replica_step(model, optimizer),
+          tf.distribute.get_strategy(), iter(_batches(3)), "auto",
+          num_steps=3)
+    self.assertIn("too few", "\n".join(logs.output))
+    self.assertFalse(hasattr(train_loop, "chosen"))
+    self.assertEqual(int(train_loop(3)["steps"]), 3)
+
+
+class FastestLoopTest(absltest.TestCase):
+
+  def _candidate(self, seconds_per_step, calls):
+    def run(n):
+      calls.append((seconds_per_step, n))
+      time.sleep(seconds_per_step * n)
+      return {"steps": np.int32(n), "finite": np.bool_(True),
+              "sums": {"loss": np.float32(n)}, "last": {"loss": 1.}}
+    return run
+
+  def test_times_each_candidate_then_keeps_the_faster(self):
+    calls = []
+    fastest = loop.FastestLoop({"slow": self._candidate(0.004, calls),
+                                "fast": self._candidate(0.001, calls)},
+                               trial_steps=5, rounds=2)
+    with self.assertLogs(level="INFO") as logs:
+      done = [int(fastest(100)["steps"]) for _ in range(6)]
+    # A one-step warm-up each, then two alternating timed rounds of 5.
+    self.assertEqual(done, [1, 1, 5, 5, 5, 5])
+    self.assertEqual([s for s, _ in calls],
+                     [0.004, 0.001, 0.004, 0.001, 0.004, 0.001])
+    self.assertEqual(fastest.chosen, "fast")
+    self.assertIn("using fast", "\n".join(logs.output))
+    self.assertEqual(int(fastest(100)["steps"]), 100)
+    self.assertEqual(calls[-1], (0.001, 100))
+
+  def test_trial_calls_never_pass_the_asked_steps(self):
+    calls = []
+    fastest = loop.FastestLoop({"a": self._candidate(0., calls),
+                                "b": self._candidate(0., calls)},
+                               trial_steps=10)
+    fastest(3)
+    fastest(3)
+    fastest(3)
+    self.assertEqual([n for _, n in calls], [1, 1, 3])
+
+
+class RunTest(absltest.TestCase):
+
+  @pytest.mark.slow
+  def test_steps_per_loop_changes_neither_rows_nor_parameters(self):
+    runs = {}
+    for per_loop in (None, 1):
+      workdir = tempfile.mkdtemp()
+      config = tiny.vqvae_config(num_steps=6, log_every=3,
+                                 checkpoint_every=2, steps_per_loop=per_loop)
+      calls = []
+      real = loop.make_loop
+
+      def counting(*args, **kwargs):
+        compiled = real(*args, **kwargs)
+
+        def call(iterator, n):
+          calls.append(int(n))
+          return compiled(iterator, n)
+        return call
+
+      with tfds.testing.mock_data(num_examples=16), \
+          absltest.mock.patch.object(loop, "make_loop", counting):
+        model = train.train(config, workdir)
+      rows = rundir.RunDir(workdir, writer=False).read_rows(loop.METRICS_FILE)
+      runs[per_loop] = (calls, rows, [v.numpy() for v in model.variables])
+    # Calls end at every log (3, 6) and checkpoint (2, 4, 6) step.
+    self.assertEqual(runs[None][0], [2, 1, 1, 2])
+    self.assertEqual(runs[1][0], [1] * 6)
+    for (a, b) in zip(runs[None][1], runs[1][1]):
+      a.pop("steps_per_sec"), b.pop("steps_per_sec")
+      self.assertEqual(a.keys(), b.keys())
+      for key in a:
+        self.assertAlmostEqual(a[key], b[key], places=5, msg=key)
+    for a, b in zip(runs[None][2], runs[1][2]):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+  @pytest.mark.slow
+  def test_non_finite_loss_in_a_loop_names_the_step_and_keeps_checkpoints(
+      self):
+    workdir = tempfile.mkdtemp()
+    real = train.make_replica_step
+    calls = tf.Variable(0)
+
+    def nan_from_step_5(*args, **kwargs):
+      step = real(*args, **kwargs)
+
+      def replica_step(images):
+        calls.assign_add(1)
+        return step(tf.where(calls >= 5, np.nan, images))
+      return replica_step
+
+    config = tiny.vqvae_config(num_steps=8, log_every=4, checkpoint_every=4)
+    with tfds.testing.mock_data(num_examples=16), \
+        absltest.mock.patch.object(train, "make_replica_step",
+                                   nan_from_step_5):
+      with self.assertRaisesRegex(
+          FloatingPointError,
+          r"at step 5 .*without its update.*good checkpoint \(step 4\)"):
+        train.train(config, workdir)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    self.assertEqual(tf.train.latest_checkpoint(checkpoints),
+                     os.path.join(checkpoints, "ckpt-4"))
+    # The kept checkpoint restores, and its parameters are finite.
+    _, model = train.restore_model(workdir)
+    for variable in model.variables:
+      self.assertTrue(np.all(np.isfinite(variable.numpy())), variable.name)
+
+
+class ConfigTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      (dict(jit_compile="yes"), "jit_compile"),
+      (dict(jit_compile=1), "jit_compile"),
+      (dict(steps_per_loop=0), "steps_per_loop"),
+      (dict(steps_per_loop=-3), "steps_per_loop"))
+  def test_bad_loop_settings_are_named(self, overrides, key):
+    with self.assertRaisesRegex(ValueError, f"config.{key}"):
+      train.validate_config(tiny.vqvae_config(**overrides))
+
+  def test_prior_config_checks_them_too(self):
+    from sonnet_vqvae import prior  # pylint: disable=g-import-not-at-top
+    with self.assertRaisesRegex(ValueError, "config.jit_compile"):
+      prior.validate_config(tiny.prior_config(jit_compile="fast"))
+
+
+class PrecisionTest(absltest.TestCase):
+
+  def test_auto_is_bfloat16_only_with_amx_on_a_cpu(self):
+    strategy = tf.distribute.get_strategy()
+    self.assertEqual(precision.resolve(
+        "auto", strategy, flags=frozenset({"avx2", "amx_bf16"}))[0],
+                     "bfloat16")
+    choice, why = precision.resolve("auto", strategy,
+                                    flags=frozenset({"avx2", "avx512f"}))
+    self.assertIsNone(choice)
+    self.assertIn("no AMX-BF16", why)
+
+  def test_explicit_choices_pass_through(self):
+    strategy = tf.distribute.get_strategy()
+    for choice in (None, "bfloat16", "float16"):
+      self.assertEqual(precision.resolve(choice, strategy)[0], choice)
+
+  def test_cpu_flags_read_cpuinfo(self):
+    path = os.path.join(tempfile.mkdtemp(), "cpuinfo")
+    with open(path, "w") as f:
+      f.write("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16 amx_tile\n\n")
+    self.assertEqual(precision.cpu_flags(path),
+                     {"fpu", "avx2", "amx_bf16", "amx_tile"})
+    self.assertEqual(precision.cpu_flags(path + ".missing"), frozenset())
+
+  def test_auto_trains_in_what_it_resolves_to(self):
+    model, optimizer = _model(mixed_precision="auto")
+    self.assertIsNone(optimizer.loss_scale)  # auto never picks float16
+    logging.info("auto resolves to %s here", precision.resolve(
+        "auto", tf.distribute.get_strategy())[0])
+
+
+class EvaluateTest(absltest.TestCase):
+
+  def test_padded_batches_give_the_unpadded_metrics(self):
+    model, _ = _model()
+    images = tf.random.stateless_uniform([10, 32, 32, 3], [3, 4]) - .5
+    split = tf.data.Dataset.from_tensor_slices({"image": images})
+    from sonnet_vqvae import input_pipeline  # pylint: disable=g-import-not-at-top
+    padded = train.evaluate(model, input_pipeline.eval_dataset(split, 4))
+    whole = train.evaluate(model, tf.data.Dataset.from_tensors(images))
+    plain = train.evaluate(
+        model, tf.data.Dataset.from_tensor_slices(images).batch(4))
+    for metrics in (padded, plain):
+      self.assertEqual(metrics.keys(), whole.keys())
+      for key in whole:
+        self.assertAlmostEqual(metrics[key], whole[key], places=6, msg=key)
+    out = model(images, is_training=False)
+    mse = np.mean((out["x_recon"].numpy() - images.numpy())**2)
+    self.assertAlmostEqual(whole["mse"], mse, places=6)
+    codes = out["vq_output"]["encoding_indices"].numpy()
+    self.assertEqual(whole["codes_used"], len(np.unique(codes)))
+
+
+if __name__ == "__main__":
+  absltest.main()
