@@ -15,7 +15,9 @@ so that load from other processes affects them alike.
 The "convolutions_only" variant is a ceiling, not a train step: the same
 encoder, pre-VQ conv and decoder, forward and backward on the reconstruction
 loss, with no quantizer and no optimizer, one call per step and no host read.
-Every train step runs exactly these convolutions.
+Every train step runs exactly these convolutions. "recipe_xla_loop" is a
+probe: the notebook's own step, XLA-compiled, in a `tf.range` loop; what XLA
+and a device loop give without any of our code.
 
 Prints the machine, the "auto" choice, one JSON line per variant, then the
 ratios.
@@ -63,6 +65,30 @@ def recipe_steps(config, iterator):
   def run(n):
     for _ in range(n):
       float(notebook.train_step({"image": next(iterator)})["loss"])
+
+  return run
+
+
+def recipe_xla_loop(config, iterator):
+  """A probe, not the notebook: its step XLA-compiled in a tf.range loop.
+
+  What XLA and a device loop alone give the notebook's own step; returns
+  run(n): one call and one loss read per `log_every` steps, as ours.
+  """
+  notebook = recipe.build_recipe(0.06, **recipe.hyperparameters(config))
+  step = tf.function(notebook.train_step.python_function, jit_compile=True)
+
+  @tf.function
+  def steps(n):
+    total = tf.constant(0.)
+    for _ in tf.range(n):
+      total += step({"image": next(iterator)})["loss"]
+    return total
+
+  def run(n):
+    while n > 0:
+      float(steps(tf.constant(min(n, config.log_every))))
+      n -= config.log_every
 
   return run
 
@@ -117,6 +143,7 @@ def main(argv):
       "ours_xla": our_loop(config, iterator, True)[0],
       "ours_no_xla": our_loop(config, iterator, False)[0],
       "convolutions_only": convolutions_only(config, iterator),
+      "recipe_xla_loop": recipe_xla_loop(config, iterator),
   }
   # Trace, compile and warm up; "auto" makes its choice here.
   while getattr(ours_loop, "chosen", "") is None:
@@ -140,7 +167,8 @@ def main(argv):
     print(json.dumps({"variant": name, "steps_per_sec": round(rate, 2),
                       "images_per_sec": round(rate * config.batch_size, 1),
                       "batch_size": config.batch_size, "steps": steps}))
-  for name in ("ours", "ours_xla", "ours_no_xla", "convolutions_only"):
+  for name in ("ours", "ours_xla", "ours_no_xla", "convolutions_only",
+               "recipe_xla_loop"):
     print(json.dumps({"ratio": f"{name}/recipe",
                       "value": round(rates[name] / rates["recipe"], 3)}))
   print(json.dumps({"ratio": "ours/convolutions_only", "value": round(

@@ -297,7 +297,8 @@ def select_loop(replica_step: Callable[[Any], Mapping[str, tf.Tensor]],
       first steps (`FastestLoop`) and keep the faster, since which one wins
       depends on the model and the machine. "auto" runs without XLA, saying
       why, on TPUs (they compile anyway), on several CPU replicas (TF cannot
-      compile them) and for runs shorter than AUTO_JIT_MIN_STEPS.
+      compile them), on several workers (each would time on its own) and for
+      runs shorter than AUTO_JIT_MIN_STEPS.
     num_steps: steps this invocation will run.
 
   Returns:
@@ -316,6 +317,9 @@ def select_loop(replica_step: Callable[[Any], Mapping[str, tf.Tensor]],
   elif (strategy.num_replicas_in_sync > 1 and
         not distribute.all_gpus(strategy)):
     reason = "TF cannot XLA-compile several CPU replicas"
+  elif isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    # Each worker would time on its own and might choose differently.
+    reason = "the workers of a multi-worker run must make the same choice"
   elif num_steps < AUTO_JIT_MIN_STEPS:
     reason = (f"{num_steps} steps are too few to win back XLA's compile "
               f"time (timing starts at {AUTO_JIT_MIN_STEPS})")

@@ -126,6 +126,19 @@ class TrainOnCodesTest(parameterized.TestCase):
       self.assertEqual(json.load(f), metrics)
     self.assertEqual(metrics["step"], 100)
 
+  @parameterized.named_parameters(
+      ("xla", dict(jit_compile=True)),
+      ("two_replicas", dict(strategy="replicator")))
+  def test_learns_in_the_compiled_loop(self, overrides):
+    workdir = self.enter_context(tempfile.TemporaryDirectory())
+    config = _tiny_config(num_steps=100, steps_per_loop=50, **overrides)
+    metrics = prior.train_on_codes(config, _constant_grids(64, seed=0),
+                                   _constant_grids(32, seed=1), _K, workdir)
+    self.assertLess(metrics["nll_nats_per_code"], 0.35 * math.log(_K))
+    rows = rundir.RunDir(workdir, writer=False).read_rows(
+        prior.loop.METRICS_FILE)
+    self.assertEqual([r["step"] for r in rows], list(range(10, 101, 10)))
+
   def test_incompatible_checkpoint_is_error_and_workdir_kept(self):
     workdir = self.enter_context(tempfile.TemporaryDirectory())
     train, test = _constant_grids(16, seed=0), _constant_grids(8, seed=1)
