@@ -24,7 +24,6 @@ functions, which own everything a run does to its workdir:
   metrics.
 """
 
-import math
 import sys
 import time
 from typing import (Any, Callable, Dict, Iterator, Mapping, Optional,

@@ -8,7 +8,6 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 import pytest
-import sonnet as snt
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
