@@ -275,6 +275,24 @@ class GatedPixelCNN(_Params):
 
   @tf.function
   def _sample(self, num_samples, height, width, labels, temperature, seed):
+    return self.sample_graph(num_samples, height, width, labels, temperature,
+                             seed)
+
+  def sample_graph(self, num_samples, height, width, labels, temperature,
+                   seed) -> tf.Tensor:
+    """`sample`'s graph, for use inside a tf.function (e.g. an export).
+
+    Args:
+      num_samples: B, a Python int or a scalar int32 tensor.
+      height: H (Python int).
+      width: W (Python int).
+      labels: [B] int32 labels, or None for an unconditional model.
+      temperature: scalar float32 tensor > 0 (not checked here).
+      seed: [2] int64 stateless seed.
+
+    Returns:
+      [B, H, W] int32 codes: one tf.while_loop over the H * W positions.
+    """
     positions = tf.reshape(tf.range(height * width), [height, width])
 
     def body(position, codes):

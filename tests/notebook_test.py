@@ -53,3 +53,5 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   assert len(images) >= 6
   assert (tmp_path / "run" / "eval.json").exists()
   assert (tmp_path / "run" / "prior" / "prior_samples.png").exists()
+  # The export cell wrote a SavedModel and a fresh process loaded it.
+  assert (tmp_path / "run" / "export" / "saved_model.pb").exists()

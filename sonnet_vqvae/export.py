@@ -1,0 +1,236 @@
+r"""Exports a trained run as a SavedModel that runs without this package.
+
+    python -m sonnet_vqvae.export --workdir VQVAE_DIR --output DIR
+    python -m sonnet_vqvae.export --workdir PRIOR_DIR --output DIR
+
+The newest checkpoint of the workdir is restored and written as a
+SavedModel: plain TensorFlow ops and variables, which `tf.saved_model.load`,
+TF Serving and Keras 3's `keras.layers.TFSMLayer` read with neither
+`sonnet_vqvae` nor Sonnet installed. Its signatures (all with a dynamic
+batch; H, W, C the training images' shape, h, w the code grid's, K the
+codebook size):
+
+* `encode`: uint8 images [B, H, W, C] -> {"codes": int32 [B, h, w]};
+* `encode_float`: float32 images in the training range [-0.5, 0.5] -> the
+  same;
+* `decode`: {"codes": int32 [B, h, w]} in [0, K) -> {"images": float32 in
+  the training range, "images_uint8": uint8};
+* `reconstruct`: uint8 images -> {"codes", "images", "images_uint8"};
+* `sample` (a prior's workdir only): {"labels": int32 [B] (one class per
+  image; for an unconditional prior only the count matters), "temperature":
+  float32 scalar > 0, "seed": int64 scalar} -> {"codes", "images",
+  "images_uint8"}; the same seed gives the same images. The autoregressive
+  loop is a `tf.while_loop` in the graph, not Python.
+
+The quantizer's [B*h*w, K] outputs (`distances`, `encodings`) are in no
+signature. Inputs of another shape or dtype fail with TensorFlow's error
+naming the expected `TensorSpec`; codes out of [0, K), labels that are no
+class and a temperature that is not positive fail with an error saying so.
+
+The loaded object also holds `image_shape`, `code_shape` and
+`num_embeddings` (int32 variables).
+"""
+
+import os
+import shutil
+import sys
+from typing import Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import tensorflow as tf
+
+from sonnet_vqvae import loop
+from sonnet_vqvae import networks
+from sonnet_vqvae import pixelcnn
+from sonnet_vqvae import rundir
+from sonnet_vqvae import train
+
+
+def _to_float(images: tf.Tensor) -> tf.Tensor:
+  # As input_pipeline scales the training data.
+  return tf.cast(images, tf.float32) / 255.0 - 0.5
+
+
+def _to_uint8(images: tf.Tensor) -> tf.Tensor:
+  return tf.cast(tf.round(tf.clip_by_value(images + 0.5, 0., 1.) * 255.),
+                 tf.uint8)
+
+
+class Exported(tf.Module):
+  """The module `export_saved_model` saves: a VQ-VAE and optionally a prior."""
+
+  def __init__(self, vqvae: networks.VQVAEModel,
+               image_shape: Sequence[int],
+               prior: Optional[pixelcnn.GatedPixelCNN] = None,
+               name: str = "sonnet_vqvae_export"):
+    super().__init__(name=name)
+    self.vqvae = vqvae
+    self.prior = prior
+    image_shape = [int(n) for n in image_shape]
+    code_shape = [int(n) for n in
+                  vqvae.encode(tf.zeros([1, *image_shape])).shape[1:]]
+    self.image_shape = tf.Variable(image_shape, trainable=False)
+    self.code_shape = tf.Variable(code_shape, trainable=False)
+    self.num_embeddings = tf.Variable(vqvae.quantizer.num_embeddings,
+                                      trainable=False)
+    self._image_shape, self._code_shape = image_shape, code_shape
+    images = tf.TensorSpec([None, *image_shape], tf.uint8, name="images")
+    floats = tf.TensorSpec([None, *image_shape], tf.float32, name="images")
+    codes = tf.TensorSpec([None, *code_shape], tf.int32, name="codes")
+    self.encode = tf.function(self._encode_uint8, input_signature=[images])
+    self.encode_float = tf.function(self._encode, input_signature=[floats])
+    self.decode = tf.function(self._decode, input_signature=[codes])
+    self.reconstruct = tf.function(self._reconstruct,
+                                   input_signature=[images])
+    if prior is not None:
+      self.sample = tf.function(self._sample, input_signature=[
+          tf.TensorSpec([None], tf.int32, name="labels"),
+          tf.TensorSpec([], tf.float32, name="temperature"),
+          tf.TensorSpec([], tf.int64, name="seed")])
+
+  def signatures(self):
+    """The serving signatures: name -> concrete function."""
+    names = ["encode", "encode_float", "decode", "reconstruct"]
+    if self.prior is not None:
+      names.append("sample")
+    return {n: getattr(self, n).get_concrete_function() for n in names}
+
+  def _encode(self, images):
+    return {"codes": tf.cast(self.vqvae.encode(images), tf.int32)}
+
+  def _encode_uint8(self, images):
+    return self._encode(_to_float(images))
+
+  def _decode(self, codes):
+    k = self.vqvae.quantizer.num_embeddings
+    with tf.control_dependencies([
+        tf.debugging.assert_non_negative(
+            codes, message=f"decode: codes must be in [0, {k})"),
+        tf.debugging.assert_less(
+            codes, k, message=f"decode: codes must be in [0, {k})")]):
+      images = self.vqvae.decode(tf.identity(codes))
+    return {"images": images, "images_uint8": _to_uint8(images)}
+
+  def _reconstruct(self, images):
+    codes = self._encode_uint8(images)["codes"]
+    return dict(self._decode(codes), codes=codes)
+
+  def _sample(self, labels, temperature, seed):
+    prior = self.prior
+    checks = [tf.debugging.assert_positive(
+        temperature, message="sample: temperature must be > 0")]
+    if prior.num_classes:
+      checks += [
+          tf.debugging.assert_non_negative(
+              labels, message=f"sample: labels must be in "
+              f"[0, {prior.num_classes})"),
+          tf.debugging.assert_less(
+              labels, prior.num_classes, message=f"sample: labels must be "
+              f"in [0, {prior.num_classes})")]
+    with tf.control_dependencies(checks):  # Before any use of them.
+      labels, temperature = tf.identity(labels), tf.identity(temperature)
+    height, width = self._code_shape
+    codes = prior.sample_graph(tf.shape(labels)[0], height, width,
+                               labels if prior.num_classes else None,
+                               temperature, tf.stack([seed, 0]))
+    return dict(self._decode(codes), codes=codes)
+
+
+def _check_output(output: str) -> None:
+  if tf.io.gfile.exists(output) and (not tf.io.gfile.isdir(output) or
+                                     tf.io.gfile.listdir(output)):
+    raise FileExistsError(
+        f"--output {output!r} exists and is not an empty directory; choose a "
+        "new path (nothing was written).")
+
+
+def export_saved_model(workdir: str, output: str,
+                       vqvae_workdir: Optional[str] = None) -> str:
+  """Writes the newest checkpoint of `workdir` as a SavedModel at `output`.
+
+  Args:
+    workdir: a VQ-VAE run's workdir, or a prior's (its VQ-VAE is exported
+      with it, plus the `sample` signature).
+    output: a path that does not exist yet, or an empty directory. The model
+      is written beside it and renamed into place, so a failed export leaves
+      nothing there.
+    vqvae_workdir: for a prior, its VQ-VAE's workdir; None takes the one its
+      run.json records.
+
+  Returns:
+    `output`.
+
+  Raises:
+    FileExistsError: `output` exists and is not empty.
+    FileNotFoundError: `workdir` holds no run or no checkpoint.
+    rundir.RunDirError: its checkpoint cannot be restored.
+    rundir.FingerprintMismatch: a prior's VQ-VAE workdir holds another
+      VQ-VAE.
+  """
+  from sonnet_vqvae import prior as prior_lib  # pylint: disable=g-import-not-at-top
+  _check_output(output)
+  stored = rundir.RunDir(workdir, writer=False).read_metadata(loop.RUN_FILE)
+  if stored is None:
+    raise FileNotFoundError(
+        f"No trained run in {workdir!r}: no {loop.RUN_FILE} (a VQ-VAE or "
+        "prior workdir has one once it has saved its first checkpoint).")
+  prior = None
+  if "vqvae" in stored["fingerprint"]:  # A prior's run.
+    vqvae_workdir = vqvae_workdir or stored.get("vqvae_workdir")
+    if not vqvae_workdir:
+      raise ValueError(f"The prior in {workdir!r} records no VQ-VAE workdir; "
+                       "pass --vqvae_workdir.")
+    vqvae_config, vqvae = prior_lib.restore_vqvae_of_prior(workdir,
+                                                           vqvae_workdir)
+    _, prior = prior_lib.restore_prior(workdir)
+    image_shape = rundir.RunDir(vqvae_workdir, writer=False).read_metadata(
+        loop.RUN_FILE)["fingerprint"]["image_shape"]
+  else:
+    vqvae_config, vqvae = train.restore_model(workdir)
+    image_shape = stored["fingerprint"]["image_shape"]
+  del vqvae_config
+  module = Exported(vqvae, image_shape, prior)
+  write(module, output)
+  logging.info("Exported %s to %s (signatures %s).", workdir, output,
+               sorted(module.signatures()))
+  return output
+
+
+def write(module: Exported, output: str) -> None:
+  """Saves `module` with its signatures at `output`, whole or not at all.
+
+  Raises:
+    FileExistsError: `output` exists and is not an empty directory.
+  """
+  _check_output(output)
+  output = output.rstrip("/")
+  staging = f"{output}.export-{os.getpid()}"
+  try:
+    tf.saved_model.save(module, staging, signatures=module.signatures())
+    os.rename(staging, output)  # Replaces an empty directory (POSIX).
+  finally:
+    if os.path.exists(staging):
+      shutil.rmtree(staging)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    export_saved_model(flags.FLAGS.workdir, flags.FLAGS.output,
+                       flags.FLAGS.vqvae_workdir)
+  except (FileExistsError, FileNotFoundError, ValueError,
+          rundir.RunDirError) as e:
+    sys.exit(f"export: {e}")
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("workdir", None, "A VQ-VAE or prior workdir.",
+                      required=True)
+  flags.DEFINE_string("output", None, "Where to write the SavedModel (a new "
+                      "path or an empty directory).", required=True)
+  flags.DEFINE_string("vqvae_workdir", None, "For a prior: its VQ-VAE's "
+                      "workdir (default: the one its run.json records).")
+  app.run(main)

@@ -1,0 +1,294 @@
+"""SavedModel export: loads without our code or Sonnet, in Keras 3, errors."""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+from absl.testing import absltest
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+import sonnet_vqvae
+from sonnet_vqvae import export
+from sonnet_vqvae import prior
+from sonnet_vqvae import rundir
+from sonnet_vqvae import train
+import tiny
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(export.__file__)))
+
+# Runs in a fresh Python in which `sonnet` and `sonnet_vqvae` cannot be
+# imported; loads the SavedModel, calls every signature, saves the outputs.
+_LOAD_WITHOUT_OUR_CODE = textwrap.dedent("""
+    import sys
+
+    class _Blocked:
+      def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("sonnet", "sonnet_vqvae"):
+          raise ImportError(name + " is blocked in this test")
+
+    sys.meta_path.insert(0, _Blocked())
+    for name in ("sonnet", "sonnet_vqvae"):
+      try:
+        __import__(name)
+      except ImportError:
+        pass
+      else:
+        raise SystemExit(name + " was importable")
+
+    import numpy as np
+    import tensorflow as tf
+
+    path, inputs, outputs = sys.argv[1:]
+    data = np.load(inputs)
+    model = tf.saved_model.load(path)
+    sig = model.signatures
+    out = {}
+    out["encode"] = sig["encode"](images=tf.constant(data["uint8"]))["codes"]
+    out["encode_float"] = sig["encode_float"](
+        images=tf.constant(data["float"]))["codes"]
+    decoded = sig["decode"](codes=tf.constant(data["codes"]))
+    out["decode"] = decoded["images"]
+    out["decode_uint8"] = decoded["images_uint8"]
+    recon = sig["reconstruct"](images=tf.constant(data["uint8"]))
+    out["reconstruct"] = recon["images"]
+    out["reconstruct_codes"] = recon["codes"]
+    for i in range(2):
+      drawn = sig["sample"](labels=tf.constant(data["labels"]),
+                            temperature=tf.constant(1.0),
+                            seed=tf.constant(7, tf.int64))
+      out[f"sample_codes_{i}"] = drawn["codes"]
+      out[f"sample_images_{i}"] = drawn["images"]
+    out["num_embeddings"] = model.num_embeddings
+    out["code_shape"] = model.code_shape
+    np.savez(outputs, **{k: np.asarray(v) for k, v in out.items()})
+""")
+
+
+def _train_runs(base):
+  vqvae_dir, prior_dir = os.path.join(base, "vqvae"), os.path.join(base, "p")
+  with tfds.testing.mock_data(num_examples=16):
+    train.train(tiny.vqvae_config(num_steps=4), vqvae_dir)
+    prior.train_prior(tiny.prior_config(num_steps=4, log_every=2,
+                                        checkpoint_every=2), vqvae_dir,
+                      prior_dir)
+  return vqvae_dir, prior_dir
+
+
+def _images(n=5, seed=0):
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, 256, [n, 32, 32, 3]).astype(np.uint8)
+
+
+def _tree(directory):
+  if not os.path.exists(directory):
+    return None
+  return sorted(os.path.relpath(os.path.join(d, f), directory)
+                for d, _, fs in os.walk(directory) for f in fs)
+
+
+class ExportTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.base = tempfile.mkdtemp()
+    cls.vqvae_dir, cls.prior_dir = _train_runs(cls.base)
+    cls.path = export.export_saved_model(cls.prior_dir,
+                                         os.path.join(cls.base, "export"))
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.base)
+    super().tearDownClass()
+
+  @pytest.mark.slow
+  def test_loads_without_our_code_and_gives_the_models_outputs(self):
+    _, vqvae = train.restore_model(self.vqvae_dir)
+    _, model = prior.restore_prior(self.prior_dir)
+    images = _images()
+    floats = images.astype(np.float32) / 255. - .5
+    codes = vqvae.encode(floats).numpy().astype(np.int32)
+    labels = np.array([0, 3, 9], np.int32)
+    inputs = os.path.join(self.base, "inputs.npz")
+    outputs = os.path.join(self.base, "outputs.npz")
+    np.savez(inputs, uint8=images, float=floats, codes=codes, labels=labels)
+    subprocess.run([sys.executable, "-c", _LOAD_WITHOUT_OUR_CODE, self.path,
+                    inputs, outputs], check=True, cwd=self.base,
+                   env=dict(os.environ, PYTHONPATH=""))
+    got = dict(np.load(outputs))
+
+    np.testing.assert_array_equal(got["encode"], codes)
+    np.testing.assert_array_equal(got["encode_float"], codes)
+    self.assertEqual(got["encode"].dtype, np.int32)
+    decoded = vqvae.decode(codes).numpy()
+    np.testing.assert_allclose(got["decode"], decoded, atol=1e-5)
+    np.testing.assert_array_equal(
+        got["decode_uint8"],
+        np.round(np.clip(decoded + .5, 0, 1) * 255).astype(np.uint8))
+    np.testing.assert_array_equal(got["reconstruct_codes"], codes)
+    np.testing.assert_allclose(got["reconstruct"], decoded, atol=1e-5)
+    # Sampling: deterministic for a seed, and the in-process model's draw.
+    np.testing.assert_array_equal(got["sample_codes_0"], got["sample_codes_1"])
+    expected = model.sample(3, 8, 8, labels=labels, temperature=1.0, seed=7)
+    np.testing.assert_array_equal(got["sample_codes_0"], expected.numpy())
+    np.testing.assert_allclose(got["sample_images_0"],
+                               vqvae.decode(expected).numpy(), atol=1e-5)
+    self.assertEqual(int(got["num_embeddings"]), tiny.NUM_EMBEDDINGS)
+    self.assertEqual(got["code_shape"].tolist(), [8, 8])
+
+  def test_keras_3_tfsm_layer_encodes_the_same(self):
+    import keras  # pylint: disable=g-import-not-at-top
+    self.assertTrue(keras.__version__.startswith("3"), keras.__version__)
+    layer = keras.layers.TFSMLayer(self.path, call_endpoint="encode")
+    images = _images(4, seed=1)
+    got = layer(tf.constant(images))
+    _, vqvae = train.restore_model(self.vqvae_dir)
+    np.testing.assert_array_equal(
+        np.asarray(got["codes"]),
+        vqvae.encode(images.astype(np.float32) / 255. - .5).numpy())
+
+  def test_bad_inputs_are_clear_errors(self):
+    loaded = tf.saved_model.load(self.path)
+    with self.assertRaisesRegex((TypeError, ValueError), r"32, 32, 3"):
+      loaded.encode(tf.zeros([2, 28, 28, 3], tf.uint8))
+    with self.assertRaisesRegex((TypeError, ValueError), r"32, 32, 3"):
+      loaded.encode(tf.zeros([2, 32, 32, 1], tf.uint8))
+    bad = np.zeros([1, 8, 8], np.int32)
+    bad[0, 3, 3] = tiny.NUM_EMBEDDINGS
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
+                                r"codes must be in \[0, 16\)"):
+      loaded.signatures["decode"](codes=tf.constant(bad))
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
+                                r"labels must be in \[0, 10\)"):
+      loaded.signatures["sample"](labels=tf.constant([10]),
+                                  temperature=tf.constant(1.),
+                                  seed=tf.constant(0, tf.int64))
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
+                                "temperature must be > 0"):
+      loaded.signatures["sample"](labels=tf.constant([1]),
+                                  temperature=tf.constant(0.),
+                                  seed=tf.constant(0, tf.int64))
+
+  def test_vqvae_workdir_exports_without_sample(self):
+    path = export.export_saved_model(self.vqvae_dir,
+                                     os.path.join(self.base, "vqvae_only"))
+    loaded = tf.saved_model.load(path)
+    self.assertEqual(set(loaded.signatures),
+                     {"encode", "encode_float", "decode", "reconstruct"})
+    # No [N, K] output in any signature.
+    for signature in loaded.signatures.values():
+      self.assertNoCommonElements(signature.structured_outputs,
+                                  {"distances", "encodings"})
+
+  def test_into_an_empty_directory(self):
+    output = tempfile.mkdtemp(dir=self.base)
+    export.export_saved_model(self.vqvae_dir, output)
+    self.assertIn("saved_model.pb", os.listdir(output))
+
+
+class ExportErrorTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.base = tempfile.mkdtemp()
+    self.output = os.path.join(self.base, "out")
+
+  def test_workdir_without_a_run(self):
+    empty = tempfile.mkdtemp(dir=self.base)
+    with self.assertRaisesRegex(FileNotFoundError, "No trained run"):
+      export.export_saved_model(empty, self.output)
+    self.assertFalse(os.path.exists(self.output))
+
+  @pytest.mark.slow
+  def test_non_empty_output_or_corrupt_checkpoint_writes_nothing(self):
+    workdir = os.path.join(self.base, "vqvae")
+    with tfds.testing.mock_data(num_examples=16):
+      train.train(tiny.vqvae_config(num_steps=2), workdir)
+    os.makedirs(self.output)
+    with open(os.path.join(self.output, "mine.txt"), "w") as f:
+      f.write("keep")
+    with self.assertRaisesRegex(FileExistsError, "not an empty directory"):
+      export.export_saved_model(workdir, self.output)
+    self.assertEqual(_tree(self.output), ["mine.txt"])
+
+    checkpoints = os.path.join(workdir, "checkpoints")
+    for name in os.listdir(checkpoints):
+      if name.startswith("ckpt-2.data"):
+        with open(os.path.join(checkpoints, name), "r+b") as f:
+          f.truncate(100)
+    fresh = os.path.join(self.base, "fresh")
+    with self.assertRaises(rundir.RunDirError):
+      export.export_saved_model(workdir, fresh)
+    self.assertFalse(os.path.exists(fresh))
+    self.assertEqual(sorted(os.listdir(self.base)), ["out", "vqvae"])
+
+  @pytest.mark.slow
+  def test_command_line(self):
+    workdir = os.path.join(self.base, "vqvae")
+    with tfds.testing.mock_data(num_examples=16):
+      train.train(tiny.vqvae_config(num_steps=2), workdir)
+    command = [sys.executable, "-m", "sonnet_vqvae.export",
+               f"--workdir={workdir}", f"--output={self.output}"]
+    subprocess.run(command, check=True, cwd=_REPO, capture_output=True)
+    self.assertIn("saved_model.pb", os.listdir(self.output))
+    again = subprocess.run(command, cwd=_REPO, capture_output=True,
+                           text=True)
+    self.assertNotEqual(again.returncode, 0)
+    self.assertIn("exists and is not an empty directory", again.stderr)
+    self.assertNotIn("Traceback", again.stderr)
+
+
+class QuantizerSavedModelTest(absltest.TestCase):
+  """The quantizers save inside a user's own tf.Module."""
+
+  def _round_trip(self, vq):
+    class UserModel(tf.Module):
+
+      def __init__(self):
+        super().__init__()
+        self.vq = vq
+
+      @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+      def indices(self, z):
+        return self.vq(z, is_training=False)["encoding_indices"]
+
+      @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+      def train_step(self, z):
+        return self.vq(z, is_training=True)["loss"]
+
+    model = UserModel()
+    z = tf.random.stateless_normal([37, 8], [0, 2])
+    expected = model.indices(z).numpy()
+    path = os.path.join(tempfile.mkdtemp(), "user_model")
+    tf.saved_model.save(model, path)
+    loaded = tf.saved_model.load(path)
+    for batch in (z, z[:5]):  # A dynamic batch.
+      np.testing.assert_array_equal(loaded.indices(batch),
+                                    expected[:batch.shape[0]])
+    return model, loaded, z
+
+  def test_vector_quantizer(self):
+    vq = sonnet_vqvae.VectorQuantizer(embedding_dim=8, num_embeddings=16,
+                                      commitment_cost=0.25)
+    self._round_trip(vq)
+
+  def test_vector_quantizer_ema_trains_after_loading(self):
+    vq = sonnet_vqvae.VectorQuantizerEMA(embedding_dim=8, num_embeddings=16,
+                                         commitment_cost=0.25, decay=0.9)
+    model, loaded, z = self._round_trip(vq)
+    before = loaded.vq.embeddings.numpy()
+    model.train_step(z)
+    loaded.train_step(z)
+    # The loaded function updates the EMA codebook as the original does.
+    self.assertFalse(np.allclose(loaded.vq.embeddings.numpy(), before))
+    np.testing.assert_allclose(loaded.vq.embeddings.numpy(),
+                               model.vq.embeddings.numpy(), rtol=1e-6)
+
+if __name__ == "__main__":
+  absltest.main()
