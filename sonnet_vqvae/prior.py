@@ -536,6 +536,10 @@ def sample(config: ml_collections.ConfigDict, vqvae_workdir: str,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  try:
+    validate_config(FLAGS.config)
+  except ValueError as e:  # A bad --config value: one line, no traceback.
+    sys.exit(f"prior: {e}")
   run = train_prior if FLAGS.mode == "train" else sample
   run(FLAGS.config, FLAGS.vqvae_workdir, FLAGS.workdir)
 

@@ -454,6 +454,10 @@ def main(argv: Sequence[str]) -> None:
     with rundir.RunDir(workdir):  # Locked while it writes.
       evaluate_and_plot(config, model, workdir)
   else:
+    try:
+      validate_config(flags.FLAGS.config)
+    except ValueError as e:  # A bad --config value: one line, no traceback.
+      sys.exit(f"train: {e}")
     train_and_evaluate(flags.FLAGS.config, workdir)
 
 

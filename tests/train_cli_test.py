@@ -119,6 +119,13 @@ class TrainCliTest(absltest.TestCase):
                   typo.stderr)
     self.assertNotIn("Traceback", typo.stderr)
 
+    bad = subprocess.run(self._cli("--config.jit_compile=fast"), env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    self.assertNotEqual(bad.returncode, 0)
+    self.assertIn("train: config.jit_compile must be True, False or 'auto', "
+                  "got 'fast'.", bad.stderr)
+    self.assertNotIn("Traceback", bad.stderr)
+
   def test_two_workers_train_identical_models(self):
     ports = [_free_port(), _free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
