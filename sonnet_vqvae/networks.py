@@ -20,6 +20,8 @@ Quantizer = Union[quantizers.VectorQuantizer, quantizers.VectorQuantizerEMA]
 # The first call in the scope creates the variables in float32.
 _mixed_precision = snt.mixed_precision.modes(
     [tf.float32, tf.bfloat16, tf.float16])
+# The same decorator for other modules' convolution stacks (`hierarchical`).
+mixed_precision_modes = _mixed_precision
 
 
 class ResidualStack(snt.Module):

@@ -1,0 +1,170 @@
+"""VQ-VAE-2 model: shapes per level, equality with the plain model, replicas."""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from sonnet_vqvae import distribute
+from sonnet_vqvae import hierarchical
+from sonnet_vqvae import networks
+from sonnet_vqvae import optim
+from sonnet_vqvae import precision
+from sonnet_vqvae import train
+import tiny
+
+_SIZES = dict(num_hiddens=16, num_residual_layers=1, num_residual_hiddens=8,
+              embedding_dim=8)
+
+
+def _model(num_embeddings=(16, 32), **overrides):
+  return hierarchical.build_hierarchical(
+      num_embeddings=num_embeddings, data_variance=0.06,
+      **dict(_SIZES, **overrides))
+
+
+def _images(batch, size, seed=0):
+  return tf.random.stateless_uniform([batch, size, size, 3], [seed, 5]) - .5
+
+
+class ShapesTest(parameterized.TestCase):
+
+  @parameterized.product(levels=(1, 2, 3), size=(32, 64))
+  def test_every_level_has_its_grid(self, levels, size):
+    num_embeddings = [8 * (i + 1) for i in range(levels)]
+    model = _model(num_embeddings)
+    images = _images(2, size)
+    out = model(images, is_training=True)
+    self.assertEqual(out["x_recon"].shape, images.shape)
+    # Top first: the bottom grid is size / 4, each level above halves it.
+    grids = [size // 4 // 2**(levels - 1 - i) for i in range(levels)]
+    self.assertLen(out["vq_outputs"], levels)
+    for vq_output, grid in zip(out["vq_outputs"], grids):
+      self.assertEqual(vq_output["quantize"].shape, (2, grid, grid, 8))
+    self.assertIs(out["vq_output"], out["vq_outputs"][-1])
+    codes = model.encode(images)
+    self.assertEqual([c.shape for c in codes],
+                     [(2, g, g) for g in grids])
+    for c, k in zip(codes, num_embeddings):
+      self.assertLess(int(tf.reduce_max(c)), k)
+    self.assertEqual(model.decode(codes).shape, images.shape)
+    # decode(encode(x)) is the evaluation-mode reconstruction.
+    np.testing.assert_allclose(model.decode(codes),
+                               model(images, is_training=False)["x_recon"],
+                               atol=1e-5)
+    self.assertTrue(np.isfinite(float(out["loss"])))
+
+  def test_loss_sums_every_level(self):
+    model = _model((8, 8, 8))
+    out = model(_images(2, 32), is_training=False)
+    expected = out["recon_error"] + sum(o["loss"] for o in out["vq_outputs"])
+    self.assertAlmostEqual(float(out["loss"]), float(expected), places=6)
+
+  def test_bad_arguments(self):
+    with self.assertRaisesRegex(ValueError, "at least one level"):
+      hierarchical.build_hierarchical(num_embeddings=[])
+    model = _model((8, 8))
+    model(_images(1, 32), is_training=False)
+    with self.assertRaisesRegex(ValueError, "takes 2 code grids"):
+      model.decode([tf.zeros([1, 8, 8], tf.int32)])
+    with self.assertRaisesRegex(ValueError, "upper_encoders must hold 1"):
+      hierarchical.HierarchicalVQVAE(
+          model.encoder, [], model.pre_vq_convs, model.quantizers,
+          model.level_decoders, model.upsamplers, model.decoder, 0.06)
+
+
+class OneLevelTest(absltest.TestCase):
+
+  def test_one_level_is_the_plain_vqvae(self):
+    config = tiny.vqvae_config(num_residual_layers=1)
+    plain = networks.build_model(config, data_variance=0.06)
+    model = hierarchical.build_hierarchical(
+        num_embeddings=[config.num_embeddings], data_variance=0.06,
+        num_hiddens=config.num_hiddens,
+        num_residual_layers=config.num_residual_layers,
+        num_residual_hiddens=config.num_residual_hiddens,
+        embedding_dim=config.embedding_dim, seed=config.seed,
+        quantizer_options=dict(config.quantizer))
+    images = _images(4, 32)
+    plain(images, is_training=False)
+    model(images, is_training=False)
+    # The same modules under the same names: copy by variable name.
+    theirs = {v.name: v for v in plain.variables}
+    self.assertEqual(sorted(theirs), sorted(v.name for v in model.variables))
+    for variable in model.variables:
+      variable.assign(theirs[variable.name])
+    for is_training in (False, True):
+      a = plain(images, is_training=is_training)
+      b = model(images, is_training=is_training)
+      for key in ("x_recon", "loss", "recon_error", "z"):
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-7,
+                                   err_msg=key)
+      np.testing.assert_array_equal(a["vq_output"]["encoding_indices"],
+                                    b["vq_output"]["encoding_indices"])
+    # Training calls updated both EMA codebooks alike.
+    np.testing.assert_allclose(plain.quantizer.embeddings,
+                               model.quantizer.embeddings, rtol=1e-6)
+    np.testing.assert_array_equal(plain.encode(images), model.encode(images)[0])
+
+
+def _built(strategy, levels=(16, 32)):
+  tf.random.set_seed(0)
+  with strategy.scope(), tf.variable_creator_scope(
+      distribute.replica_consistent_variables):
+    model = _model(levels)
+    optimizer = optim.Adam(1e-3)
+    model(tf.zeros([1, 32, 32, 3]), is_training=False)
+    optimizer.build(model.trainable_variables)
+  return model, optimizer
+
+
+class TrainingTest(absltest.TestCase):
+
+  def test_trains_in_the_compiled_loop(self):
+    strategy = tf.distribute.get_strategy()
+    model, optimizer = _built(strategy)
+    train_loop = train.make_train_loop(model, optimizer, strategy, False)
+    # Smooth images (4x4 blocks of noise, upsampled) a tiny model can learn.
+    images = tf.image.resize(_images(4, 4), [32, 32])
+    iterator = iter(tf.data.Dataset.from_tensors(images).repeat())
+    first = train_loop(iterator, tf.constant(1))["last"]["recon_error"]
+    out = train_loop(iterator, tf.constant(120))
+    self.assertLess(float(out["last"]["recon_error"]), 0.5 * float(first))
+
+  @pytest.mark.slow
+  def test_two_replicas_hold_one_codebook_per_level_and_match_one(self):
+    self.assertLen(tf.config.list_logical_devices("CPU"), 2)
+    replicator = distribute.make_strategy("replicator")
+    one_device = tf.distribute.get_strategy()
+    model_a, optimizer_a = _built(one_device)
+    model_b, optimizer_b = _built(replicator)
+    for a, b in zip(model_a.variables, model_b.variables):
+      b.assign(a)
+    batches = tf.data.Dataset.from_tensor_slices(
+        tf.stack([_images(4, 32, seed=s) for s in range(3)]))
+    train.make_train_loop(model_a, optimizer_a, one_device, False)(
+        iter(batches), tf.constant(3))
+    train.make_train_loop(model_b, optimizer_b, replicator, False)(
+        iter(replicator.experimental_distribute_dataset(batches)),
+        tf.constant(3))
+    for level, (vq_a, vq_b) in enumerate(zip(model_a.quantizers,
+                                             model_b.quantizers)):
+      replicas = replicator.experimental_local_results(vq_b.embeddings)
+      self.assertLen(replicas, 2)
+      np.testing.assert_array_equal(replicas[0], replicas[1],
+                                    err_msg=f"level {level}")
+      np.testing.assert_allclose(replicas[0], vq_a.embeddings, atol=1e-5,
+                                 err_msg=f"level {level}")
+
+  def test_bfloat16_convolutions_return_float32(self):
+    model = _model((8, 8))
+    with precision.scope("bfloat16"):
+      out = model(_images(2, 32), is_training=True)
+    self.assertEqual(out["x_recon"].dtype, tf.float32)
+    self.assertEqual({v.dtype for v in model.trainable_variables},
+                     {tf.float32})
+
+
+if __name__ == "__main__":
+  absltest.main()
