@@ -188,6 +188,11 @@ def export_saved_model(workdir: str, output: str,
     image_shape = rundir.RunDir(vqvae_workdir, writer=False).read_metadata(
         loop.RUN_FILE)["fingerprint"]["image_shape"]
   else:
+    levels = stored["fingerprint"]["model"].get("num_levels", 1)
+    if levels > 1:
+      raise ValueError(
+          f"The VQ-VAE in {workdir!r} has {levels} levels (VQ-VAE-2); its "
+          "export is not built yet (nothing was written).")
     vqvae_config, vqvae = train.restore_model(workdir)
     image_shape = stored["fingerprint"]["image_shape"]
   del vqvae_config

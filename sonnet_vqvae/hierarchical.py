@@ -16,12 +16,14 @@ with VQ-VAE-2" (arXiv 1906.00446), Figure 2a, for any number of levels:
 Lists of levels are top first throughout. With one level the model computes
 exactly `networks.VQVAEModel`: encoder, 1x1 conv, quantizer, decoder.
 
-Only the model lives here so far; training it through `train`, its priors
-and sampling are not built yet.
+`train` trains it when `config.num_levels >= 2` (`configs/vqvae2.py`), with
+checkpoints, every strategy and per-level metrics. Priors over its codes,
+sampling and export are not built yet.
 """
 
 from typing import Dict, List, Optional, Sequence, Union
 
+import ml_collections
 import sonnet as snt
 import tensorflow as tf
 
@@ -295,3 +297,24 @@ def build_hierarchical(*, num_embeddings: Sequence[int],
                   for i in range(levels - 1)],
       decoder=networks.Decoder(*sizes, output_channels=output_channels),
       data_variance=data_variance)
+
+
+def level_num_embeddings(config: ml_collections.ConfigDict) -> List[int]:
+  """Each level's codebook size, top first, from a train config."""
+  if config.get("level_num_embeddings") is None:
+    return [config.num_embeddings] * config.get("num_levels", 1)
+  return [int(k) for k in config.level_num_embeddings]
+
+
+def build_from_config(config: ml_collections.ConfigDict,
+                      data_variance: float) -> HierarchicalVQVAE:
+  """The VQ-VAE-2 a train config describes (`num_levels` >= 1)."""
+  return build_hierarchical(
+      num_embeddings=level_num_embeddings(config),
+      num_hiddens=config.num_hiddens,
+      num_residual_layers=config.num_residual_layers,
+      num_residual_hiddens=config.num_residual_hiddens,
+      embedding_dim=config.embedding_dim,
+      commitment_cost=config.commitment_cost, use_ema=config.use_ema,
+      decay=config.decay, data_variance=data_variance, seed=config.seed,
+      quantizer_options=dict(config.quantizer))

@@ -365,6 +365,15 @@ def train_prior(config: ml_collections.ConfigDict, vqvae_workdir: str,
     The metrics of `train_on_codes`, also written to workdir/eval.json.
   """
   validate_config(config)
+  stored = rundir.RunDir(vqvae_workdir, writer=False).read_metadata(
+      loop.RUN_FILE)
+  levels = train.num_levels(ml_collections.ConfigDict(
+      stored["config"])) if stored else 1
+  if levels > 1:
+    raise ValueError(
+        f"The VQ-VAE in {vqvae_workdir!r} has {levels} levels (VQ-VAE-2); "
+        "priors over VQ-VAE-2 codes are not built yet. Train this prior on a "
+        "plain VQ-VAE (num_levels=1).")
   step = _latest_vqvae_step(vqvae_workdir)
   vqvae_config, vqvae = train.restore_model(vqvae_workdir, step)
   options = _data_options(config, vqvae_config)

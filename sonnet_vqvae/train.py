@@ -25,7 +25,7 @@ import functools
 import math
 import os
 import sys
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 from absl import app
 from absl import flags
@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from sonnet_vqvae import distribute
+from sonnet_vqvae import hierarchical
 from sonnet_vqvae import input_pipeline
 from sonnet_vqvae import loop
 from sonnet_vqvae import loss_scale as loss_scale_lib
@@ -78,6 +79,17 @@ def validate_config(config: config_dict.ConfigDict) -> None:
     raise ValueError("config.num_hiddens must be >= 2 (the first encoder "
                      f"layer has num_hiddens // 2 channels), got "
                      f"{config.num_hiddens}.")
+  if not (isinstance(config.num_levels, int) and config.num_levels >= 1):
+    raise ValueError("config.num_levels must be an int >= 1 (1: the plain "
+                     f"VQ-VAE), got {config.num_levels!r}.")
+  per_level = config.level_num_embeddings
+  if per_level is not None and (
+      len(per_level) != config.num_levels or
+      not all(isinstance(k, int) and k > 0 for k in per_level)):
+    raise ValueError(
+        "config.level_num_embeddings must be None or one positive int per "
+        f"level (top first; num_levels={config.num_levels}), got "
+        f"{per_level!r}.")
   if config.num_residual_layers < 0:
     raise ValueError("config.num_residual_layers must be >= 0, got "
                      f"{config.num_residual_layers}.")
@@ -108,12 +120,17 @@ def fingerprint(config: config_dict.ConfigDict,
   may change between resumes.
   """
   data_dir = config.data_dir
+  model = {key: (config[key].to_dict() if key == "quantizer" else config[key])
+           for key in _MODEL_KEYS}
+  if num_levels(config) > 1:
+    # Only then: a plain run's fingerprint stays what it was before VQ-VAE-2.
+    model.update(num_levels=config.num_levels,
+                 level_num_embeddings=hierarchical.level_num_embeddings(config))
   return {
       "dataset": config.dataset,
       "data_dir": None if data_dir is None else os.path.abspath(data_dir),
       "image_shape": [int(n) for n in image_shape],
-      "model": {key: (config[key].to_dict() if key == "quantizer"
-                      else config[key]) for key in _MODEL_KEYS},
+      "model": model,
   }
 
 
@@ -126,7 +143,7 @@ def create_model_and_optimizer(
   tf.random.set_seed(config.seed)
   with strategy.scope(), tf.variable_creator_scope(
       distribute.replica_consistent_variables):
-    model = networks.build_model(config, data_variance)
+    model = build_model(config, data_variance)
     mixed_precision = precision.resolve(config.mixed_precision, strategy)[0]
     optimizer = optim.Adam(config.learning_rate, loss_scale=(
         loss_scale_lib.DynamicLossScale()
@@ -137,6 +154,24 @@ def create_model_and_optimizer(
       model(tf.zeros([1, *image_shape]), is_training=False)
     optimizer.build(model.trainable_variables)
   return model, optimizer
+
+
+def build_model(config: config_dict.ConfigDict, data_variance: float
+                ) -> Union[networks.VQVAEModel, hierarchical.HierarchicalVQVAE]:
+  """The model of `config`: the plain VQ-VAE, or VQ-VAE-2 for num_levels > 1."""
+  if num_levels(config) > 1:
+    return hierarchical.build_from_config(config, data_variance)
+  return networks.build_model(config, data_variance)
+
+
+def downsampling(config: config_dict.ConfigDict) -> int:
+  """How much the model shrinks H and W: 4, and 2 more per upper level."""
+  return 4 * 2**(num_levels(config) - 1)
+
+
+def num_levels(config: config_dict.ConfigDict) -> int:
+  """config.num_levels; 1 for the configs of runs from before VQ-VAE-2."""
+  return int(config.get("num_levels", 1))
 
 
 # Kept for existing callers; `precision` is its home.
@@ -175,6 +210,11 @@ def make_replica_step(model: networks.VQVAEModel, optimizer: optim.Adam,
                "codes_used": tf.cast(vq["codes_used"], tf.float32),
                # Usage over ~70 steps: one batch's count depends on its size.
                "codes_used_ema": tf.cast(vq["codes_used_ema"], tf.float32)}
+    if len(out.get("vq_outputs", ())) > 1:  # VQ-VAE-2: each level's too.
+      for level, vq_level in enumerate(out["vq_outputs"]):
+        metrics[f"level{level}_perplexity"] = vq_level["perplexity"]
+        metrics[f"level{level}_codes_used"] = tf.cast(vq_level["codes_used"],
+                                                      tf.float32)
     if loss_scale is not None:
       metrics["loss_scale"] = loss_scale.scale.read_value()
     return dict(loop.mean_over_replicas(metrics), loss=loss)
@@ -228,7 +268,7 @@ def train(config: config_dict.ConfigDict,
   distribute.check_batch_size(config.batch_size, strategy)
   image_shape = input_pipeline.check_images(
       input_pipeline.image_spec(config.dataset, data_dir=config.data_dir),
-      dataset=config.dataset)
+      dataset=config.dataset, downsample=downsampling(config))
   print_ = fingerprint(config, image_shape)
   run_dir, stored = loop.open_run(workdir, print_)
   with run_dir:  # Releases the workdir's lock however training ends.
@@ -320,22 +360,18 @@ def _evaluate(model: networks.VQVAEModel, dataset: tf.data.Dataset
     dataset = dataset.map(functools.partial(input_pipeline.pad_batch,
                                             batch_size=int(first.shape[0])))
   images_spec = dataset.element_spec[0]
+  # Every level's codebook, top first (one for the plain VQ-VAE).
+  quantizers_ = getattr(model, "quantizers", None) or [model.quantizer]
 
   # One fixed batch shape: compiled once, also for the padded last batch.
   @tf.function(input_signature=[images_spec,
                                 tf.TensorSpec(images_spec.shape[:1], tf.bool)])
   def batch_stats(images, mask):
     out = model(images, is_training=False)
-    indices = out["vq_output"]["encoding_indices"]
     valid = tf.cast(mask, tf.float64)
-    code_weights = tf.broadcast_to(
-        tf.reshape(valid, [-1] + [1] * (len(indices.shape) - 1)),
-        tf.shape(indices))
-    counts = tf.math.bincount(tf.reshape(tf.cast(indices, tf.int32), [-1]),
-                              weights=tf.reshape(code_weights, [-1]),
-                              minlength=model.quantizer.num_embeddings,
-                              maxlength=model.quantizer.num_embeddings,
-                              dtype=tf.float64)
+    counts = [_code_counts(o["encoding_indices"], valid, vq.num_embeddings)
+              for o, vq in zip(out.get("vq_outputs", [out["vq_output"]]),
+                               quantizers_)]
     per_image = tf.reduce_sum(
         tf.square(tf.cast(out["x_recon"] - images, tf.float64)),
         axis=list(range(1, len(images.shape))))
@@ -343,24 +379,47 @@ def _evaluate(model: networks.VQVAEModel, dataset: tf.data.Dataset
     return (tf.reduce_sum(tf.where(mask, per_image, 0.)), size, counts,
             out["x_recon"])
 
-  squared, size, counts, first = 0., 0., 0., None
+  squared, size, counts, first = 0., 0., None, None
   for images, mask in dataset:
     s, n, c, recon = batch_stats(images, mask)
-    squared, size, counts = squared + s, size + n, counts + c
+    squared, size = squared + s, size + n
+    c = [np.asarray(level) for level in c]
+    counts = c if counts is None else [a + b for a, b in zip(counts, c)]
     if first is None:
       real = mask.numpy()
       first = (images.numpy()[real], recon.numpy()[real])
   if first is None or not size:
     raise ValueError("evaluate: the dataset holds no images.")
   mse = float(squared / size)
-  counts = np.asarray(counts)
-  probs = counts / counts.sum()
-  nonzero = probs[probs > 0]
   metrics = {"nmse": mse / model.data_variance, "mse": mse,
              "psnr": float(10 * np.log10(1. / mse)) if mse > 0 else math.inf,
-             "perplexity": float(np.exp(-np.sum(nonzero * np.log(nonzero)))),
-             "codes_used": int((counts > 0).sum())}
-  return metrics, counts, first
+             # The bottom level's, the plain VQ-VAE's one codebook.
+             **_histogram_metrics(counts[-1])}
+  if len(counts) > 1:
+    for level, level_counts in enumerate(counts):
+      metrics.update({f"level{level}_{k}": v for k, v in
+                      _histogram_metrics(level_counts).items()})
+  return metrics, counts[-1], first
+
+
+def _code_counts(indices: tf.Tensor, valid: tf.Tensor,
+                 num_embeddings: int) -> tf.Tensor:
+  """[K] float64 counts of `indices` [B, ...] over the valid [B] images."""
+  weights = tf.broadcast_to(
+      tf.reshape(valid, [-1] + [1] * (len(indices.shape) - 1)),
+      tf.shape(indices))
+  return tf.math.bincount(tf.reshape(tf.cast(indices, tf.int32), [-1]),
+                          weights=tf.reshape(weights, [-1]),
+                          minlength=num_embeddings, maxlength=num_embeddings,
+                          dtype=tf.float64)
+
+
+def _histogram_metrics(counts: np.ndarray) -> Dict[str, float]:
+  """perplexity and codes_used of a code histogram."""
+  probs = counts / counts.sum()
+  nonzero = probs[probs > 0]
+  return {"perplexity": float(np.exp(-np.sum(nonzero * np.log(nonzero)))),
+          "codes_used": int((counts > 0).sum())}
 
 
 def evaluate(model: networks.VQVAEModel,

@@ -168,3 +168,70 @@ class TrainingTest(absltest.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class TrainConfigTest(parameterized.TestCase):
+
+  @pytest.mark.slow
+  def test_train_resume_evaluate_two_levels(self):
+    import json  # pylint: disable=g-import-not-at-top
+    import os  # pylint: disable=g-import-not-at-top
+    import tempfile  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    from sonnet_vqvae import export  # pylint: disable=g-import-not-at-top
+    from sonnet_vqvae import prior  # pylint: disable=g-import-not-at-top
+    from sonnet_vqvae import rundir  # pylint: disable=g-import-not-at-top
+    workdir = tempfile.mkdtemp()
+    config = tiny.vqvae_config(num_levels=2, level_num_embeddings=(8, 16))
+    with tfds.testing.mock_data(num_examples=16):
+      metrics = train.train_and_evaluate(config, workdir)
+      # Resumes at step 4 with the same fingerprint.
+      train.train_and_evaluate(tiny.vqvae_config(
+          num_levels=2, level_num_embeddings=(8, 16), num_steps=6), workdir)
+    for level, k in enumerate((8, 16)):
+      self.assertBetween(metrics[f"level{level}_codes_used"], 1, k)
+      self.assertGreaterEqual(metrics[f"level{level}_perplexity"], 1.)
+    self.assertEqual(metrics["codes_used"], metrics["level1_codes_used"])
+    rows = rundir.RunDir(workdir, writer=False).read_rows("metrics.jsonl")
+    self.assertEqual([r["step"] for r in rows], [2, 4, 6])
+    self.assertIn("level0_perplexity", rows[-1])
+    with open(os.path.join(workdir, "run.json")) as f:
+      model = json.load(f)["fingerprint"]["model"]
+    self.assertEqual(model["num_levels"], 2)
+    self.assertEqual(model["level_num_embeddings"], [8, 16])
+    restored_config, restored = train.restore_model(workdir)
+    self.assertIsInstance(restored, hierarchical.HierarchicalVQVAE)
+    self.assertEqual(restored_config.num_steps, 6)
+    self.assertEqual([q.num_embeddings for q in restored.quantizers], [8, 16])
+    # Another hierarchy in the same workdir is a mismatch, named.
+    with tfds.testing.mock_data(num_examples=16):
+      with self.assertRaisesRegex(rundir.FingerprintMismatch, "num_levels"):
+        train.train(tiny.vqvae_config(num_levels=3, num_steps=8), workdir)
+    # What is not built yet says so, before any work.
+    with self.assertRaisesRegex(ValueError, "priors over VQ-VAE-2"):
+      prior.train_prior(tiny.prior_config(), workdir, tempfile.mkdtemp())
+    with self.assertRaisesRegex(ValueError, "export is not built yet"):
+      export.export_saved_model(workdir, os.path.join(tempfile.mkdtemp(), "x"))
+
+  def test_plain_fingerprint_is_unchanged(self):
+    print_ = train.fingerprint(tiny.vqvae_config(), (32, 32, 3))
+    self.assertNotIn("num_levels", print_["model"])
+    self.assertNotIn("level_num_embeddings", print_["model"])
+
+  @parameterized.parameters(
+      (dict(num_levels=0), "num_levels"),
+      (dict(num_levels=2, level_num_embeddings=(8,)), "level_num_embeddings"),
+      (dict(num_levels=2, level_num_embeddings=(8, 0)),
+       "level_num_embeddings"))
+  def test_bad_hierarchy_is_named(self, overrides, key):
+    with self.assertRaisesRegex(ValueError, f"config.{key}"):
+      train.validate_config(tiny.vqvae_config(**overrides))
+
+  def test_vqvae2_config_file(self):
+    from sonnet_vqvae.configs import vqvae2  # pylint: disable=g-import-not-at-top
+    config = vqvae2.get_config()
+    self.assertEqual(config.num_levels, 2)
+    train.validate_config(config)
+    model = train.build_model(config, 0.06)
+    self.assertIsInstance(model, hierarchical.HierarchicalVQVAE)
+    self.assertEqual(train.downsampling(config), 8)

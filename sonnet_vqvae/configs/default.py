@@ -27,6 +27,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_residual_layers = 2
   config.embedding_dim = 64
   config.num_embeddings = 512
+  # VQ-VAE-2 (`hierarchical`): 1 is the plain VQ-VAE; L >= 2 adds L - 1
+  # levels above it, each halving the grid (32x32 images: 8x8, 4x4, ...).
+  config.num_levels = 1
+  # Codebook size of each level, top first, e.g. (512, 512); None: every
+  # level has num_embeddings codes.
+  config.level_num_embeddings = ml_collections.config_dict.placeholder(tuple)
   config.commitment_cost = 0.25
   config.use_ema = True
   config.decay = 0.99
