@@ -29,35 +29,31 @@ from sonnet_vqvae.configs import default
 import machine  # pylint: disable=g-bad-import-order  (bench/ siblings)
 import quality
 
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", "../shared/data/tensorflow_datasets", "Prepared tfds data.")
-_STEPS = flags.DEFINE_integer("steps", 3000, "Training steps of each run.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1"],
-                           "Seeds; each precision trains once per seed.")
-# The most test NMSE bfloat16 may cost for "auto" to be the default.
-MAX_COST = 1.02
+# quality.py defines --data_dir, --steps and --seeds; this check's budget.
+flags.FLAGS.set_default("steps", 3000)
+flags.FLAGS.set_default("seeds", ["0", "1"])
 
 
 def main(argv):
   del argv
   machine.print_machine()
-  data_dir = os.path.abspath(_DATA_DIR.value)
+  data_dir = os.path.abspath(flags.FLAGS.data_dir)
   nmse = {"float32": [], "bfloat16": []}
-  for seed in map(int, _SEEDS.value):
+  for seed in map(int, flags.FLAGS.seeds):
     for name in nmse:
       config = default.get_config()
       config.seed = seed
       config.mixed_precision = None if name == "float32" else name
-      metrics = quality.run_quality(config, data_dir, _STEPS.value)
+      metrics = quality.run_quality(config, data_dir, flags.FLAGS.steps)
       nmse[name].append(metrics["nmse"])
-      print(json.dumps(dict(precision=name, seed=seed, steps=_STEPS.value,
+      print(json.dumps(dict(precision=name, seed=seed, steps=flags.FLAGS.steps,
                             **metrics)), flush=True)
   for name, values in nmse.items():
     print(json.dumps({"precision": name, "seeds": len(values),
                       "nmse_mean": round(statistics.mean(values), 5)}))
   ratio = statistics.mean(nmse["bfloat16"]) / statistics.mean(nmse["float32"])
   qualifies = (ratio <= MAX_COST and len(nmse["float32"]) >= 2 and
-               _STEPS.value >= 3000)
+               flags.FLAGS.steps >= 3000)
   print(json.dumps({"ratio": "mean nmse bfloat16/float32",
                     "value": round(ratio, 4),
                     "auto_may_be_default": qualifies}))
