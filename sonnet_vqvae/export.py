@@ -41,16 +41,12 @@ from absl import flags
 from absl import logging
 import tensorflow as tf
 
+from sonnet_vqvae import input_pipeline
 from sonnet_vqvae import loop
 from sonnet_vqvae import networks
 from sonnet_vqvae import pixelcnn
 from sonnet_vqvae import rundir
 from sonnet_vqvae import train
-
-
-def _to_float(images: tf.Tensor) -> tf.Tensor:
-  # As input_pipeline scales the training data.
-  return tf.cast(images, tf.float32) / 255.0 - 0.5
 
 
 def _to_uint8(images: tf.Tensor) -> tf.Tensor:
@@ -101,7 +97,7 @@ class Exported(tf.Module):
     return {"codes": tf.cast(self.vqvae.encode(images), tf.int32)}
 
   def _encode_uint8(self, images):
-    return self._encode(_to_float(images))
+    return self._encode(input_pipeline.scale_images(images))
 
   def _decode(self, codes):
     k = self.vqvae.quantizer.num_embeddings
@@ -182,8 +178,7 @@ def export_saved_model(workdir: str, output: str,
     if not vqvae_workdir:
       raise ValueError(f"The prior in {workdir!r} records no VQ-VAE workdir; "
                        "pass --vqvae_workdir.")
-    vqvae_config, vqvae = prior_lib.restore_vqvae_of_prior(workdir,
-                                                           vqvae_workdir)
+    _, vqvae = prior_lib.restore_vqvae_of_prior(workdir, vqvae_workdir)
     _, prior = prior_lib.restore_prior(workdir)
     image_shape = rundir.RunDir(vqvae_workdir, writer=False).read_metadata(
         loop.RUN_FILE)["fingerprint"]["image_shape"]
@@ -193,9 +188,8 @@ def export_saved_model(workdir: str, output: str,
       raise ValueError(
           f"The VQ-VAE in {workdir!r} has {levels} levels (VQ-VAE-2); its "
           "export is not built yet (nothing was written).")
-    vqvae_config, vqvae = train.restore_model(workdir)
+    _, vqvae = train.restore_model(workdir)
     image_shape = stored["fingerprint"]["image_shape"]
-  del vqvae_config
   module = Exported(vqvae, image_shape, prior)
   write(module, output)
   logging.info("Exported %s to %s (signatures %s).", workdir, output,

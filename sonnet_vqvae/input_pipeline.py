@@ -318,9 +318,13 @@ def check_images(spec: tf.TensorSpec,
   return shape
 
 
+def scale_images(images: tf.Tensor) -> tf.Tensor:
+  """uint8 images -> float32 in [-0.5, 0.5], the range the model trains on."""
+  return tf.cast(images, tf.float32) / 255.0 - 0.5
+
+
 def _scale(example):
-  image = tf.cast(example["image"], tf.float32) / 255.0 - 0.5
-  return {"image": image, "label": example["label"]}
+  return {"image": scale_images(example["image"]), "label": example["label"]}
 
 
 def data_variance(ds: tf.data.Dataset) -> float:
