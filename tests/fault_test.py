@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 
+from absl import logging as absl_logging
 from absl.testing import absltest
 import numpy as np
 import pytest
@@ -88,8 +89,15 @@ class IndexFileTest(absltest.TestCase):
     before = _checkpoint_files(workdir)
     eval_before = open(os.path.join(workdir, "eval.json")).read()
     damage(os.path.join(workdir, "checkpoints", "checkpoint"))
-    with self.assertLogs(level="INFO") as logs:
-      _train(tiny.vqvae_config(num_steps=6), workdir)
+    # Another test in this process may have lowered absl's own logger to
+    # WARNING (e.g. a library's import); this test reads its INFO lines.
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.INFO)
+    try:
+      with self.assertLogs(level="INFO") as logs:
+        _train(tiny.vqvae_config(num_steps=6), workdir)
+    finally:
+      absl_logging.set_verbosity(verbosity)
     self.assertIn("Training from step 4 to 6", "\n".join(logs.output))
     for path, content in before.items():  # Nothing overwritten or lost.
       with open(path, "rb") as f:
