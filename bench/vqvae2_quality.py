@@ -9,7 +9,12 @@ level, seconds), then the mean NMSE of each and the ratio 2-level/plain
 (issue 12 asks for <= 0.9 at >= 3,000 steps over >= 2 seeds).
 
     python bench/vqvae2_quality.py --data_dir=../shared/data/tensorflow_datasets \
-        [--steps=3000 --seeds=0,1 --dead_code_threshold=0.0]
+        [--steps=3000 --seeds=0,1 --dead_code_threshold=1.0]
+
+--dead_code_threshold sets the 2-level model's restarts (issue 12 asks every
+level to use >= 95% of its codes with 1.0); the plain model keeps the
+defaults unless --plain_dead_code_threshold says otherwise, since the target
+is "the plain VQ-VAE, ours, defaults".
 """
 
 import json
@@ -29,7 +34,10 @@ import quality
 flags.FLAGS.set_default("steps", 3000)
 flags.FLAGS.set_default("seeds", ["0", "1"])
 _DEAD_CODE = flags.DEFINE_float(
-    "dead_code_threshold", 0.0, "Dead-code restarts for every codebook.")
+    "dead_code_threshold", 1.0, "Dead-code restarts of every 2-level codebook.")
+_PLAIN_DEAD_CODE = flags.DEFINE_float(
+    "plain_dead_code_threshold", 0.0,
+    "Dead-code restarts of the plain model (0.0: its default).")
 
 
 def main(argv):
@@ -38,15 +46,16 @@ def main(argv):
   data_dir = os.path.abspath(flags.FLAGS.data_dir)
   nmse = {"plain": [], "two_levels": []}
   for seed in map(int, flags.FLAGS.seeds):
-    for name, config in (("plain", default.get_config()),
-                         ("two_levels", vqvae2.get_config())):
+    for name, config, threshold in (
+        ("plain", default.get_config(), _PLAIN_DEAD_CODE.value),
+        ("two_levels", vqvae2.get_config(), _DEAD_CODE.value)):
       config.seed = seed
       metrics = quality.run_quality(
           config, data_dir, flags.FLAGS.steps,
-          quantizer={"dead_code_threshold": _DEAD_CODE.value})
+          quantizer={"dead_code_threshold": threshold})
       nmse[name].append(metrics["nmse"])
       print(json.dumps(dict(model=name, seed=seed, steps=flags.FLAGS.steps,
-                            dead_code_threshold=_DEAD_CODE.value,
+                            dead_code_threshold=threshold,
                             **metrics)), flush=True)
   for name, values in nmse.items():
     print(json.dumps({"model": name, "seeds": len(values),
