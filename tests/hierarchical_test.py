@@ -166,10 +166,6 @@ class TrainingTest(absltest.TestCase):
                      {tf.float32})
 
 
-if __name__ == "__main__":
-  absltest.main()
-
-
 class TrainConfigTest(parameterized.TestCase):
 
   @pytest.mark.slow
@@ -235,3 +231,7 @@ class TrainConfigTest(parameterized.TestCase):
     model = train.build_model(config, 0.06)
     self.assertIsInstance(model, hierarchical.HierarchicalVQVAE)
     self.assertEqual(train.downsampling(config), 8)
+
+
+if __name__ == "__main__":
+  absltest.main()
