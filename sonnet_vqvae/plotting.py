@@ -74,6 +74,45 @@ def plot_reconstructions(originals: np.ndarray, reconstructions: np.ndarray,
   fig.savefig(path)
 
 
+def level_label(levels: int, num_levels: int) -> str:
+  """A row's name for a decode from the top `levels` of `num_levels` levels."""
+  if levels == num_levels:
+    return "all levels" if num_levels == 1 else f"all {num_levels} levels"
+  return "top only" if levels == 1 else f"top {levels} levels"
+
+
+def plot_level_reconstructions(originals: np.ndarray,
+                               top_decodes: Sequence[np.ndarray], path: str,
+                               cols: int = 8) -> None:
+  """Rows of originals and their decodes from the top 1, 2, ..., L levels.
+
+  Shows what each level of a VQ-VAE-2 adds: row k + 1 is decoded from the
+  top k levels alone (`HierarchicalVQVAE.decode_top`).
+
+  Args:
+    originals: [N, H, W, 3] images in [-0.5, 0.5]; the first `cols` are shown.
+    top_decodes: L arrays [N, H, W, 3]; the k-th (from 1) decoded from the
+      top k levels of `originals`' codes, the last from all of them.
+    path: PNG file to write.
+    cols: images per row.
+  """
+  rows = [("original", originals)] + [
+      (level_label(k, len(top_decodes)), images)
+      for k, images in enumerate(top_decodes, start=1)]
+  # One inch per image, as in `plot_reconstructions`, and room for the labels.
+  fig = figure.Figure(figsize=(cols + 1.5, len(rows) + 0.5))
+  axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
+  for ax, (label, images) in zip(axes, rows):
+    ax.imshow(_grid(np.asarray(images), 1, cols), interpolation="nearest")
+    ax.axis("off")
+    # A text artist, not a ylabel: axis("off") hides the labels.
+    ax.text(-0.01, 0.5, label, transform=ax.transAxes, ha="right",
+            va="center")
+  axes[0].set_title("validation images, decoded from the top levels alone")
+  fig.tight_layout()
+  fig.savefig(path)
+
+
 def plot_image_grid(images: np.ndarray, path: str, title: str) -> None:
   """A square-ish grid of images, e.g. samples of the prior.
 

@@ -65,7 +65,7 @@ class PlottingTest(absltest.TestCase):
 
   def test_writes_pngs(self):
     with tempfile.TemporaryDirectory() as workdir:
-      paths = [os.path.join(workdir, f"{n}.png") for n in "abcd"]
+      paths = [os.path.join(workdir, f"{n}.png") for n in "abcde"]
       plotting.plot_curves(
           [{"step": 1, "recon_error": 1.0, "perplexity": 2.0, "codes_used": 2},
            {"step": 2, "recon_error": 0.5, "perplexity": 3.0, "codes_used": 3}],
@@ -74,9 +74,18 @@ class PlottingTest(absltest.TestCase):
       plotting.plot_reconstructions(images, images, paths[1])
       plotting.plot_codebook(np.eye(4), np.array([3, 0, 1, 0]), paths[2])
       plotting.plot_image_grid(np.zeros([5, 4, 4, 3]), paths[3], "samples")
+      # Fewer images than columns: the rows are padded.
+      plotting.plot_level_reconstructions(images[:5], [images[:5]] * 3,
+                                          paths[4])
       for path in paths:
         with open(path, "rb") as f:
           self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+  def test_level_labels(self):
+    self.assertEqual([plotting.level_label(k, 3) for k in (1, 2, 3)],
+                     ["top only", "top 2 levels", "all 3 levels"])
+    self.assertEqual(plotting.level_label(1, 2), "top only")
+    self.assertEqual(plotting.level_label(2, 2), "all 2 levels")
 
 
 if __name__ == "__main__":
