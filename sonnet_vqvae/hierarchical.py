@@ -17,10 +17,12 @@ Lists of levels are top first throughout. With one level the model computes
 exactly `networks.VQVAEModel`: encoder, 1x1 conv, quantizer, decoder.
 
 `train` trains it when `config.num_levels >= 2` (`configs/vqvae2.py`), with
-checkpoints, every strategy and per-level metrics. Priors over its codes,
-sampling and export are not built yet.
+checkpoints, every strategy and per-level metrics; `decode_top` decodes from
+the top levels alone (`train` plots it as level_reconstructions.png). Priors
+over its codes, sampling and export are not built yet.
 """
 
+import numbers
 from typing import Dict, List, Optional, Sequence, Union
 
 import ml_collections
@@ -227,11 +229,40 @@ class HierarchicalVQVAE(snt.Module):
 
   def decode(self, codes: Sequence[tf.Tensor]) -> tf.Tensor:
     """Maps code grids (top first, as from `encode`) to [B, H, W, C] images."""
+    return self.decode_top(codes, self.num_levels)
+
+  def decode_top(self, codes: Sequence[tf.Tensor], levels: int) -> tf.Tensor:
+    """Decodes from the top `levels` levels alone: what those levels carry.
+
+    Args:
+      codes: every level's int code grid, top first, as from `encode`:
+        [[B, H/2**(L+1), W/2**(L+1)], ..., [B, H/4, W/4]]. Only the top
+        `levels` grids are read; the finer ones give only their shapes.
+      levels: how many levels, from the top, to decode from: 1 (the top
+        only) to `num_levels` (all: `decode(codes)`).
+
+    Returns:
+      [B, H, W, C] images.
+
+    Raises:
+      ValueError: for a wrong number of code grids, or `levels` not an int
+        in [1, num_levels].
+    """
     if len(codes) != self.num_levels:
-      raise ValueError(f"decode takes {self.num_levels} code grids (top "
+      raise ValueError(f"decoding takes {self.num_levels} code grids (top "
                        f"first), got {len(codes)}.")
-    return self._decode_quantized(
-        [vq.quantize(c) for vq, c in zip(self.quantizers, codes)])
+    if (isinstance(levels, bool) or not isinstance(levels, numbers.Integral)
+        or not 1 <= levels <= self.num_levels):
+      raise ValueError(f"levels must be an int in [1, {self.num_levels}] "
+                       f"(how many levels from the top), got {levels!r}.")
+    quantized = [vq.quantize(c) for vq, c in
+                 zip(self.quantizers[:levels], codes[:levels])]
+    # Finer levels' vectors are zeros, the same for every image: the decoder
+    # gets no information from them (their codes are not even looked up).
+    quantized += [tf.zeros(tf.concat([tf.shape(c), [vq.embedding_dim]], 0),
+                           vq.embeddings.dtype)
+                  for vq, c in zip(self.quantizers[levels:], codes[levels:])]
+    return self._decode_quantized(quantized)
 
 
 def build_hierarchical(*, num_embeddings: Sequence[int],
