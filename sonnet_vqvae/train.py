@@ -25,7 +25,7 @@ import functools
 import math
 import os
 import sys
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from absl import app
 from absl import flags
@@ -349,9 +349,13 @@ def train_and_evaluate(config: config_dict.ConfigDict,
 
 
 def _evaluate(model: networks.VQVAEModel, dataset: tf.data.Dataset
-              ) -> Tuple[Dict[str, float], np.ndarray, Tuple[np.ndarray,
-                                                              np.ndarray]]:
-  """`evaluate`'s metrics, the [K] code histogram and the first batch."""
+              ) -> Tuple[Dict[str, float], np.ndarray,
+                         Tuple[np.ndarray, List[np.ndarray]]]:
+  """`evaluate`'s metrics, the [K] code histogram and the first batch.
+
+  The first batch is its [N, H, W, C] images and their reconstructions: the
+  model's, then (VQ-VAE-2) those decoded from the top 1, ..., L - 1 levels.
+  """
   if not isinstance(dataset.element_spec, tuple):
     # Image batches: pad each to the first's size, so they share one shape.
     first = next(iter(dataset), None)
@@ -362,35 +366,43 @@ def _evaluate(model: networks.VQVAEModel, dataset: tf.data.Dataset
   images_spec = dataset.element_spec[0]
   # Every level's codebook, top first (one for the plain VQ-VAE).
   quantizers_ = getattr(model, "quantizers", None) or [model.quantizer]
+  levels = len(quantizers_)
 
   # One fixed batch shape: compiled once, also for the padded last batch.
   @tf.function(input_signature=[images_spec,
                                 tf.TensorSpec(images_spec.shape[:1], tf.bool)])
   def batch_stats(images, mask):
     out = model(images, is_training=False)
+    vq_outputs = out.get("vq_outputs", [out["vq_output"]])
     valid = tf.cast(mask, tf.float64)
     counts = [_code_counts(o["encoding_indices"], valid, vq.num_embeddings)
-              for o, vq in zip(out.get("vq_outputs", [out["vq_output"]]),
-                               quantizers_)]
-    per_image = tf.reduce_sum(
-        tf.square(tf.cast(out["x_recon"] - images, tf.float64)),
-        axis=list(range(1, len(images.shape))))
+              for o, vq in zip(vq_outputs, quantizers_)]
+    recons = [out["x_recon"]]
+    if levels > 1:
+      # What the top levels carry: the same codes, decoded without the finer
+      # levels. One decoder pass each, no encoding, so evaluation stays cheap.
+      codes = [o["encoding_indices"] for o in vq_outputs]
+      recons += [model.decode_top(codes, k) for k in range(1, levels)]
+    squared = [
+        tf.reduce_sum(tf.where(mask, tf.reduce_sum(
+            tf.square(tf.cast(recon - images, tf.float64)),
+            axis=list(range(1, len(images.shape)))), 0.))
+        for recon in recons]
     size = tf.reduce_sum(valid) * float(np.prod(images.shape[1:]))
-    return (tf.reduce_sum(tf.where(mask, per_image, 0.)), size, counts,
-            out["x_recon"])
+    return squared, size, counts, recons
 
   squared, size, counts, first = 0., 0., None, None
   for images, mask in dataset:
-    s, n, c, recon = batch_stats(images, mask)
-    squared, size = squared + s, size + n
+    s, n, c, recons = batch_stats(images, mask)
+    squared, size = np.add(squared, s), size + n
     c = [np.asarray(level) for level in c]
     counts = c if counts is None else [a + b for a, b in zip(counts, c)]
     if first is None:
       real = mask.numpy()
-      first = (images.numpy()[real], recon.numpy()[real])
+      first = (images.numpy()[real], [r.numpy()[real] for r in recons])
   if first is None or not size:
     raise ValueError("evaluate: the dataset holds no images.")
-  mse = float(squared / size)
+  mse = float(squared[0] / size)
   metrics = {"nmse": mse / model.data_variance, "mse": mse,
              "psnr": float(10 * np.log10(1. / mse)) if mse > 0 else math.inf,
              # The bottom level's, the plain VQ-VAE's one codebook.
@@ -399,6 +411,8 @@ def _evaluate(model: networks.VQVAEModel, dataset: tf.data.Dataset
     for level, level_counts in enumerate(counts):
       metrics.update({f"level{level}_{k}": v for k, v in
                       _histogram_metrics(level_counts).items()})
+    for k in range(1, levels):
+      metrics[f"top{k}_nmse"] = float(squared[k] / size) / model.data_variance
   return metrics, counts[-1], first
 
 
@@ -436,6 +450,9 @@ def evaluate(model: networks.VQVAEModel,
   Returns:
     nmse (MSE / training variance), mse, psnr (dB, images of range 1), and
     perplexity and codes_used of the code histogram over the whole dataset.
+    A VQ-VAE-2 adds level{i}_perplexity and level{i}_codes_used for each
+    level i (0: the top), and top{k}_nmse for k = 1 .. L - 1: the NMSE of
+    images decoded from the top k levels alone (`decode_top`).
 
   Raises:
     ValueError: when the dataset is empty.
@@ -446,7 +463,11 @@ def evaluate(model: networks.VQVAEModel,
 def evaluate_and_plot(config: config_dict.ConfigDict,
                       model: networks.VQVAEModel,
                       workdir: str) -> Dict[str, float]:
-  """Evaluates on the test split; writes eval.json and the four figures.
+  """Evaluates on the test split; writes eval.json and the figures.
+
+  curves.png, reconstructions.png and codebook.png (the bottom level's); a
+  VQ-VAE-2 also gets level_reconstructions.png: the same test images decoded
+  from the top 1, 2, ..., all levels.
 
   Raises:
     FloatingPointError: for non-finite metrics, after writing them to
@@ -461,8 +482,13 @@ def evaluate_and_plot(config: config_dict.ConfigDict,
   history = run_dir.read_rows(loop.METRICS_FILE)
   if history:
     plotting.plot_curves(history, run_dir.path("curves.png"))
-  plotting.plot_reconstructions(originals, recons,
+  plotting.plot_reconstructions(originals, recons[0],
                                 run_dir.path("reconstructions.png"))
+  if len(recons) > 1:
+    # Top 1 .. L - 1 levels, then all: the model's own reconstructions.
+    plotting.plot_level_reconstructions(
+        originals, recons[1:] + recons[:1],
+        run_dir.path("level_reconstructions.png"))
   plotting.plot_codebook(model.quantizer.embeddings.numpy(), counts,
                          run_dir.path("codebook.png"))
   return metrics

@@ -74,6 +74,56 @@ class ShapesTest(parameterized.TestCase):
           model.level_decoders, model.upsamplers, model.decoder, 0.06)
 
 
+class DecodeTopTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.model = _model((8, 16, 32))
+    self.codes = self.model.encode(_images(2, 32))
+
+  def _changed(self, levels):
+    """self.codes with every grid of `levels` (indices, top first) changed."""
+    return [(c + 1) % vq.num_embeddings if i in levels else c
+            for i, (c, vq) in enumerate(zip(self.codes, self.model.quantizers))]
+
+  def test_all_levels_is_decode(self):
+    np.testing.assert_array_equal(self.model.decode_top(self.codes, 3),
+                                  self.model.decode(self.codes))
+
+  @parameterized.parameters(1, 2)
+  def test_reads_only_the_top_levels(self, levels):
+    images = self.model.decode_top(self.codes, levels)
+    self.assertEqual(images.shape, (2, 32, 32, 3))
+    # Finer levels' codes are ignored...
+    np.testing.assert_array_equal(
+        self.model.decode_top(self._changed(range(levels, 3)), levels),
+        images)
+    # ... each of the top levels' is read.
+    for level in range(levels):
+      changed = self.model.decode_top(self._changed([level]), levels)
+      self.assertGreater(float(tf.reduce_max(tf.abs(changed - images))), 0,
+                         f"level {level}")
+
+  def test_evaluate_reports_each_top_decode(self):
+    images = _images(5, 32)
+    # Batches of 3: the last is padded, and the padding must not count.
+    metrics = train.evaluate(
+        self.model, tf.data.Dataset.from_tensor_slices(images).batch(3))
+    codes = self.model.encode(images)
+    for levels, key in ((1, "top1_nmse"), (2, "top2_nmse"), (3, "nmse")):
+      mse = tf.reduce_mean(tf.square(
+          self.model.decode_top(codes, levels) - images))
+      self.assertAlmostEqual(metrics[key], float(mse) / 0.06, places=5,
+                             msg=key)
+    self.assertNotIn("top3_nmse", metrics)
+
+  @parameterized.parameters(0, 4, -1, 1.0, True, None)
+  def test_bad_levels_are_named(self, levels):
+    with self.assertRaisesRegex(
+        ValueError, rf"levels must be an int in \[1, 3\].*got {levels!r}"):
+      self.model.decode_top(self.codes, levels)
+
+
 class OneLevelTest(absltest.TestCase):
 
   def test_one_level_is_the_plain_vqvae(self):
@@ -187,6 +237,12 @@ class TrainConfigTest(parameterized.TestCase):
     for level, k in enumerate((8, 16)):
       self.assertBetween(metrics[f"level{level}_codes_used"], 1, k)
       self.assertGreaterEqual(metrics[f"level{level}_perplexity"], 1.)
+    # The top level alone's NMSE (checked in DecodeTopTest); all levels'
+    # is nmse.
+    self.assertGreater(metrics["top1_nmse"], 0)
+    self.assertNotIn("top2_nmse", metrics)
+    self.assertTrue(os.path.exists(
+        os.path.join(workdir, "level_reconstructions.png")))
     self.assertEqual(metrics["codes_used"], metrics["level1_codes_used"])
     rows = rundir.RunDir(workdir, writer=False).read_rows("metrics.jsonl")
     self.assertEqual([r["step"] for r in rows], [2, 4, 6])

@@ -43,6 +43,9 @@ class TrainTest(parameterized.TestCase):
     for name in ("eval.json", "curves.png", "reconstructions.png",
                  "codebook.png", "run.json"):
       self.assertTrue(os.path.exists(os.path.join(self.workdir, name)), name)
+    # One level: nothing to decode from the top alone.
+    self.assertFalse(os.path.exists(
+        os.path.join(self.workdir, "level_reconstructions.png")))
     self.assertEqual([r["step"] for r in _rows(self.workdir)], [2, 4])
     self.assertEqual(tf.train.latest_checkpoint(
         os.path.join(self.workdir, "checkpoints")).split("-")[-1], "4")
