@@ -4,7 +4,9 @@ The autoregressive prior of van den Oord et al. (2016), "Conditional Image
 Generation with PixelCNN Decoders": a vertical stack that sees every row above
 the current position and a horizontal stack that sees the current row to its
 left, joined so that the receptive field has no blind spot. Positions are
-ordered in raster order (row by row, left to right).
+ordered in raster order (row by row, left to right). An optional spatial
+condition (VQ-VAE-2: features of the coarser levels' codes) is added to both
+stacks' gates, as the paper's conditional PixelCNN adds h through V * h.
 """
 
 import math
@@ -25,7 +27,7 @@ def _gate(inputs: tf.Tensor) -> tf.Tensor:
   return tf.tanh(a) * tf.sigmoid(b)
 
 
-class _Params(snt.Module):
+class EagerModule(snt.Module):
   """Creates kernels and biases eagerly, so sampling loops never create them."""
 
   def __init__(self, name: Optional[str] = None):
@@ -39,13 +41,13 @@ class _Params(snt.Module):
     return kernel, bias
 
 
-def _check_positive(**values: int):
+def check_positive(**values: int):
   for key, value in values.items():
     if value < 1:
       raise ValueError(f"{key} must be >= 1, got {value}.")
 
 
-class GatedLayer(_Params):
+class GatedLayer(EagerModule):
   """One gated layer with a vertical and a horizontal stack.
 
   The vertical input at row i must already depend only on rows above i (the
@@ -61,6 +63,7 @@ class GatedLayer(_Params):
                kernel_size: int,
                mask_type: str,
                num_classes: Optional[int] = None,
+               condition_channels: Optional[int] = None,
                name: Optional[str] = None):
     """Constructs the layer.
 
@@ -73,6 +76,9 @@ class GatedLayer(_Params):
         residual connection) or 'B' (later layers).
       num_classes: if set, a learned per-class bias is added to the gates of
         both stacks.
+      condition_channels: if set, every call takes a [B, H, W,
+        condition_channels] condition whose 1x1 projection is added to the
+        gates of both stacks (it must not depend on this grid's codes).
       name: module name.
 
     Raises:
@@ -80,13 +86,15 @@ class GatedLayer(_Params):
         mask_type.
     """
     super().__init__(name=name)
-    _check_positive(hidden_channels=hidden_channels, kernel_size=kernel_size)
+    check_positive(hidden_channels=hidden_channels, kernel_size=kernel_size)
     if kernel_size % 2 != 1:
       raise ValueError(f"kernel_size must be odd, got {kernel_size}.")
     if mask_type not in ("A", "B"):
       raise ValueError(f"mask_type must be 'A' or 'B', got {mask_type!r}.")
     if num_classes is not None:
-      _check_positive(num_classes=num_classes)
+      check_positive(num_classes=num_classes)
+    if condition_channels is not None:
+      check_positive(condition_channels=condition_channels)
     c = hidden_channels
     self._half = kernel_size // 2
     self._mask_type = mask_type
@@ -107,6 +115,12 @@ class GatedLayer(_Params):
         self.horizontal_class_bias = tf.Variable(
             class_init([num_classes, 2 * c], tf.float32),
             name="horizontal_class_bias")
+      if condition_channels is not None:
+        self.vertical_condition = self._conv_params(
+            [1, 1, condition_channels, 2 * c], "vertical_condition")
+        self.horizontal_condition = self._conv_params(
+            [1, 1, condition_channels, 2 * c], "horizontal_condition")
+    self._condition_channels = condition_channels
     mask = [1.0] * self._half + [0.0 if mask_type == "A" else 1.0]
     self._horizontal_mask = tf.reshape(tf.constant(mask), [1, -1, 1, 1])
 
@@ -114,13 +128,16 @@ class GatedLayer(_Params):
       self,
       vertical: tf.Tensor,
       horizontal: tf.Tensor,
-      labels: Optional[tf.Tensor] = None) -> Tuple[tf.Tensor, tf.Tensor]:
+      labels: Optional[tf.Tensor] = None,
+      condition: Optional[tf.Tensor] = None) -> Tuple[tf.Tensor, tf.Tensor]:
     """Applies the layer.
 
     Args:
       vertical: [B, H, W, C] vertical stack features (rows above only).
       horizontal: [B, H, W, C] horizontal stack features.
       labels: [B] int class labels; required iff num_classes was set.
+      condition: [B, H, W, condition_channels] float features; required iff
+        condition_channels was set.
 
     Returns:
       (vertical, horizontal): the two [B, H, W, C] outputs.
@@ -135,6 +152,9 @@ class GatedLayer(_Params):
       vertical_pre += tf.gather(self.vertical_class_bias, labels)[:, None, None]
       horizontal_pre += tf.gather(self.horizontal_class_bias,
                                   labels)[:, None, None]
+    if self._condition_channels is not None:
+      vertical_pre += _conv(condition, *self.vertical_condition)
+      horizontal_pre += _conv(condition, *self.horizontal_condition)
     horizontal_pre += _conv(vertical_pre, *self.vertical_to_horizontal)
     out = _conv(_gate(horizontal_pre), *self.horizontal_out)
     # The type-A input holds the current code, so a residual would leak it.
@@ -143,7 +163,7 @@ class GatedLayer(_Params):
     return _gate(vertical_pre), out
 
 
-class GatedPixelCNN(_Params):
+class GatedPixelCNN(EagerModule):
   """Gated PixelCNN giving logits of each code given the codes before it.
 
   logits[b, i, j] depends only on indices[b, i', j'] with (i', j') before
@@ -157,6 +177,7 @@ class GatedPixelCNN(_Params):
                num_layers: int,
                kernel_size: int,
                num_classes: Optional[int] = None,
+               condition_channels: Optional[int] = None,
                name: Optional[str] = "gated_pixel_cnn"):
     """Constructs the model; all variables are created here.
 
@@ -167,16 +188,19 @@ class GatedPixelCNN(_Params):
       kernel_size: odd kernel width of the gated layers.
       num_classes: if set, the model is class conditional and every call needs
         labels in [0, num_classes).
+      condition_channels: if set, every call needs a [B, H, W,
+        condition_channels] spatial condition (see `GatedLayer`).
       name: module name.
 
     Raises:
       ValueError: on non-positive sizes or an even kernel_size.
     """
     super().__init__(name=name)
-    _check_positive(num_embeddings=num_embeddings,
+    check_positive(num_embeddings=num_embeddings,
                     hidden_channels=hidden_channels, num_layers=num_layers)
     self._num_embeddings = num_embeddings
     self._num_classes = num_classes
+    self._condition_channels = condition_channels
     with self.name_scope:
       self.embeddings = tf.Variable(
           snt.initializers.TruncatedNormal()([num_embeddings, hidden_channels],
@@ -184,7 +208,8 @@ class GatedPixelCNN(_Params):
           name="embeddings")
       self.layers = [
           GatedLayer(hidden_channels, kernel_size, "A" if i == 0 else "B",
-                     num_classes, name=f"gated_layer_{i}")
+                     num_classes, condition_channels,
+                     name=f"gated_layer_{i}")
           for i in range(num_layers)
       ]
       self.head_hidden = self._conv_params(
@@ -200,37 +225,48 @@ class GatedPixelCNN(_Params):
   def num_classes(self) -> Optional[int]:
     return self._num_classes
 
-  def _check_labels(self, labels):
+  @property
+  def condition_channels(self) -> Optional[int]:
+    return self._condition_channels
+
+  def _check_labels(self, labels, condition=None):
     if (labels is None) != (self._num_classes is None):
       raise ValueError(
           "labels must be given iff the model is class conditional "
           f"(num_classes={self._num_classes}).")
+    if (condition is None) != (self._condition_channels is None):
+      raise ValueError(
+          "condition must be given iff the model has condition_channels "
+          f"(condition_channels={self._condition_channels}).")
 
   def __call__(self,
                indices: tf.Tensor,
-               labels: Optional[tf.Tensor] = None) -> tf.Tensor:
+               labels: Optional[tf.Tensor] = None,
+               condition: Optional[tf.Tensor] = None) -> tf.Tensor:
     """Computes next-code logits.
 
     Args:
       indices: [B, H, W] int code indices in [0, num_embeddings).
       labels: [B] int class labels; required iff num_classes was set.
+      condition: [B, H, W, condition_channels] float features that do not
+        depend on `indices`; required iff condition_channels was set.
 
     Returns:
       [B, H, W, num_embeddings] float32 logits of each code given the codes
-      before it in raster order (and the label).
+      before it in raster order (and the label and condition).
 
     Raises:
-      ValueError: if labels are given to an unconditional model or missing for
-        a conditional one.
+      ValueError: if labels (condition) are given to an unconditional model
+        or missing for a conditional one.
     """
-    self._check_labels(labels)
+    self._check_labels(labels, condition)
     x = tf.gather(self.embeddings, indices)
     # Shifting the vertical input down one row once makes every vertical
     # feature at row i depend only on rows above i, in every layer.
     vertical = tf.pad(x[:, :-1], [[0, 0], [1, 0], [0, 0], [0, 0]])
     horizontal = x
     for layer in self.layers:
-      vertical, horizontal = layer(vertical, horizontal, labels)
+      vertical, horizontal = layer(vertical, horizontal, labels, condition)
     hidden = tf.nn.relu(_conv(tf.nn.relu(horizontal), *self.head_hidden))
     return _conv(hidden, *self.head_logits)
 
@@ -240,6 +276,7 @@ class GatedPixelCNN(_Params):
              width: int,
              *,
              labels: Optional[tf.Tensor] = None,
+             condition: Optional[tf.Tensor] = None,
              temperature: float = 1.0,
              seed: int = 0) -> tf.Tensor:
     """Draws code grids autoregressively, one position at a time.
@@ -253,6 +290,8 @@ class GatedPixelCNN(_Params):
       width: W.
       labels: [B] (or scalar, broadcast) int class labels; required iff the
         model is class conditional.
+      condition: [B, H, W, condition_channels] features; required iff the
+        model has condition_channels.
       temperature: logits are divided by it; > 0, lower is greedier.
       seed: integer seed.
 
@@ -262,24 +301,25 @@ class GatedPixelCNN(_Params):
     Raises:
       ValueError: on bad labels (see __call__), sizes or temperature.
     """
-    _check_positive(num_samples=num_samples, height=height, width=width)
+    check_positive(num_samples=num_samples, height=height, width=width)
     if not (temperature > 0 and math.isfinite(temperature)):
       raise ValueError(
           f"temperature must be a positive finite number, got {temperature}.")
-    self._check_labels(labels)
+    self._check_labels(labels, condition)
     if labels is not None:
       labels = tf.broadcast_to(tf.cast(labels, tf.int32), [num_samples])
     return self._sample(num_samples, height, width, labels,
                         tf.constant(temperature, tf.float32),
-                        tf.constant([seed, 0], tf.int64))
+                        tf.constant([seed, 0], tf.int64), condition)
 
   @tf.function
-  def _sample(self, num_samples, height, width, labels, temperature, seed):
+  def _sample(self, num_samples, height, width, labels, temperature, seed,
+              condition):
     return self.sample_graph(num_samples, height, width, labels, temperature,
-                             seed)
+                             seed, condition)
 
   def sample_graph(self, num_samples, height, width, labels, temperature,
-                   seed) -> tf.Tensor:
+                   seed, condition=None) -> tf.Tensor:
     """`sample`'s graph, for use inside a tf.function (e.g. an export).
 
     Args:
@@ -289,6 +329,8 @@ class GatedPixelCNN(_Params):
       labels: [B] int32 labels, or None for an unconditional model.
       temperature: scalar float32 tensor > 0 (not checked here).
       seed: [2] int64 stateless seed.
+      condition: [B, H, W, condition_channels] float features, or None for a
+        model without condition_channels.
 
     Returns:
       [B, H, W] int32 codes: one tf.while_loop over the H * W positions.
@@ -296,7 +338,8 @@ class GatedPixelCNN(_Params):
     positions = tf.reshape(tf.range(height * width), [height, width])
 
     def body(position, codes):
-      logits = tf.reshape(self(codes, labels), [num_samples, height * width, -1])
+      logits = tf.reshape(self(codes, labels, condition),
+                          [num_samples, height * width, -1])
       draw = tf.random.stateless_categorical(
           logits[:, position] / temperature, 1,
           seed=tf.random.experimental.stateless_fold_in(seed, position),
