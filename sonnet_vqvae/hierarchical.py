@@ -18,8 +18,9 @@ exactly `networks.VQVAEModel`: encoder, 1x1 conv, quantizer, decoder.
 
 `train` trains it when `config.num_levels >= 2` (`configs/vqvae2.py`), with
 checkpoints, every strategy and per-level metrics; `decode_top` decodes from
-the top levels alone (`train` plots it as level_reconstructions.png). Priors
-over its codes, sampling and export are not built yet.
+the top levels alone (`train` plots it as level_reconstructions.png).
+`prior` fits one PixelCNN per level to its codes (`hierarchical_prior`) and
+samples them top-down; export is not built yet.
 """
 
 import numbers

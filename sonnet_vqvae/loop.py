@@ -140,7 +140,8 @@ AUTO_JIT_MIN_STEPS = 500
 def mean_over_replicas(value: Any) -> Any:
   """A nest of tensors averaged over the replicas in sync (in replica context)."""
   context = tf.distribute.get_replica_context()
-  if context.num_replicas_in_sync > 1:
+  # all_reduce of an empty nest fails; there is nothing to average.
+  if context.num_replicas_in_sync > 1 and tf.nest.flatten(value):
     return context.all_reduce(tf.distribute.ReduceOp.MEAN, value)
   return value
 

@@ -6,6 +6,11 @@ learned: the CIFAR-10 splits are encoded to [H, W] code grids once, a
 log-likelihood is reported in nats per code and in bits per image dimension.
 New images are drawn by sampling code grids and decoding them.
 
+On a VQ-VAE-2 workdir (`num_levels` > 1) the prior is a `HierarchicalPrior`:
+one PixelCNN per level, each finer level conditioned on the coarser codes,
+trained together; its NLL is reported per level and in total, and sampling
+runs top-down.
+
   python -m sonnet_vqvae.prior --vqvae_workdir DIR --workdir DIR2
   python -m sonnet_vqvae.prior --vqvae_workdir DIR --workdir DIR2 --mode=sample
 """
@@ -14,7 +19,7 @@ import hashlib
 import math
 import os
 import sys
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from absl import app
 from absl import flags
@@ -27,6 +32,8 @@ import tensorflow as tf
 
 from sonnet_vqvae import configs
 from sonnet_vqvae import distribute
+from sonnet_vqvae import hierarchical
+from sonnet_vqvae import hierarchical_prior
 from sonnet_vqvae import input_pipeline
 from sonnet_vqvae import loop
 from sonnet_vqvae import optim
@@ -46,33 +53,52 @@ METRICS_FILE = loop.EVAL_FILE
 _MODEL_KEYS = ("hidden_channels", "num_layers", "kernel_size",
                "class_conditional")
 
+# A plain VQ-VAE's codebook size and [N, H, W] codes, or a VQ-VAE-2's list
+# (top first) of sizes and tuple of code arrays.
+NumEmbeddings = Union[int, Sequence[int]]
+Prior = Union[pixelcnn.GatedPixelCNN, hierarchical_prior.HierarchicalPrior]
+
 
 def build_prior(config: ml_collections.ConfigDict,
-                num_embeddings: int) -> pixelcnn.GatedPixelCNN:
-  """Builds the PixelCNN described by config over num_embeddings codes."""
-  return pixelcnn.GatedPixelCNN(
-      num_embeddings=num_embeddings,
+                num_embeddings: NumEmbeddings) -> Prior:
+  """Builds the prior described by config over num_embeddings codes.
+
+  An int gives the `GatedPixelCNN` of a plain VQ-VAE's codes; a list (top
+  first) gives the `HierarchicalPrior` of a VQ-VAE-2's levels.
+  """
+  kwargs = dict(
       hidden_channels=config.hidden_channels,
       num_layers=config.num_layers,
       kernel_size=config.kernel_size,
       num_classes=CIFAR10_NUM_CLASSES if config.class_conditional else None)
+  if isinstance(num_embeddings, int):
+    return pixelcnn.GatedPixelCNN(num_embeddings=num_embeddings, **kwargs)
+  return hierarchical_prior.HierarchicalPrior(num_embeddings, **kwargs)
 
 
-def code_nll(model: pixelcnn.GatedPixelCNN, codes: tf.Tensor,
-             labels: tf.Tensor) -> tf.Tensor:
+def _levels(codes) -> List[Any]:
+  """A plain VQ-VAE's codes as a one-level list; a VQ-VAE-2's as they are."""
+  return list(codes) if isinstance(codes, (list, tuple)) else [codes]
+
+
+def code_nll(model: Prior, codes, labels: tf.Tensor):
   """Negative log-likelihood of every code given the codes before it.
 
   Args:
     model: the prior.
-    codes: [B, H, W] int code grids.
+    codes: [B, H, W] int code grids, or for a `HierarchicalPrior` each
+      level's grids, top first.
     labels: [B] int class labels, ignored by an unconditional model.
 
   Returns:
-    [B, H, W] float32 nats.
+    [B, H, W] float32 nats, or for a `HierarchicalPrior` a list of each
+    level's (given the coarser levels).
   """
   logits = model(codes, labels if model.num_classes else None)
-  return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=codes,
-                                                         logits=logits)
+  nll = [tf.nn.sparse_softmax_cross_entropy_with_logits(labels=c, logits=l)
+         for c, l in zip(_levels(codes), _levels(logits))]
+  hierarchical_ = isinstance(model, hierarchical_prior.HierarchicalPrior)
+  return nll if hierarchical_ else nll[0]
 
 
 def encode_split(vqvae: snt.Module, split: str, *, batch_size: int,
@@ -81,7 +107,8 @@ def encode_split(vqvae: snt.Module, split: str, *, batch_size: int,
   """Encodes a dataset split to code grids with a VQ-VAE.
 
   Args:
-    vqvae: a model with `encode(images [B, 32, 32, 3]) -> [B, H, W]` indices.
+    vqvae: a model with `encode(images [B, 32, 32, 3]) -> [B, H, W]` indices
+      (a VQ-VAE-2: a list of each level's, top first).
     split: tfds split name.
     batch_size: images per encoder call.
     dataset: tfds dataset name (the VQ-VAE's, e.g. "cifar10").
@@ -89,7 +116,8 @@ def encode_split(vqvae: snt.Module, split: str, *, batch_size: int,
     download: whether tfds may download the data.
 
   Returns:
-    {'codes': [N, H, W] int32 indices, 'labels': [N] int32 class labels}.
+    {'codes': [N, H, W] int32 indices (a VQ-VAE-2: a tuple of each level's,
+    top first), 'labels': [N] int32 class labels}.
   """
   batches = input_pipeline.load_split(
       split, dataset=dataset, data_dir=data_dir, download=download).batch(
@@ -99,19 +127,55 @@ def encode_split(vqvae: snt.Module, split: str, *, batch_size: int,
       [None, *batches.element_spec["image"].shape[1:]], tf.float32)])
   codes, labels = [], []
   for batch in batches:
-    codes.append(encode(batch["image"]).numpy())
+    codes.append([c.numpy() for c in _levels(encode(batch["image"]))])
     labels.append(batch["label"].numpy())
-  return {"codes": np.concatenate(codes).astype(np.int32),
+  levels = tuple(np.concatenate(level).astype(np.int32)
+                 for level in zip(*codes))
+  return {"codes": levels if len(levels) > 1 else levels[0],
           "labels": np.concatenate(labels).astype(np.int32)}
 
 
-def evaluate(model: pixelcnn.GatedPixelCNN, data: Dict[str, np.ndarray],
+def _per_level(metrics: Dict[str, List[float]],
+               codes: Sequence[np.ndarray]) -> Dict[str, float]:
+  """Per-code values of each level, named as a plain prior's if one level.
+
+  Args:
+    metrics: {name: each level's nats per code}.
+    codes: each level's [N, H_i, W_i] codes (their sizes weigh the levels).
+
+  Returns:
+    For one level {name: nats per code}. For several, also
+    level{i}_{name} for each level (top is level 0) and {name} the mean
+    over all codes of the image, e.g. nll_nats_per_code.
+  """
+  sizes = [c.size for c in codes]
+  out = {name: sum(v * n for v, n in zip(values, sizes)) / sum(sizes)
+         for name, values in metrics.items()}
+  if len(codes) > 1:
+    for name, values in metrics.items():
+      out.update({f"level{i}_{name}": v for i, v in enumerate(values)})
+  return out
+
+
+def bits_per_dim(nats_per_code: float, codes) -> float:
+  """Nats per code of an image's codes in bits per CIFAR-10 image dimension.
+
+  Args:
+    nats_per_code: mean over all the image's codes (every level's).
+    codes: [N, H, W] codes, or each level's (see `encode_split`).
+  """
+  codes_per_image = sum(int(np.prod(c.shape[1:])) for c in _levels(codes))
+  return nats_per_code * codes_per_image / CIFAR10_IMAGE_DIMS / math.log(2)
+
+
+def evaluate(model: Prior, data: Dict[str, Any],
              batch_size: int) -> Dict[str, float]:
   """Test likelihood of code grids under the prior and the uniform baseline.
 
   Args:
     model: the prior.
-    data: {'codes': [N, H, W], 'labels': [N]} as from `encode_split`.
+    data: {'codes': [N, H, W] (a VQ-VAE-2: each level's, top first),
+      'labels': [N]} as from `encode_split`.
     batch_size: grids per forward pass.
 
   Returns:
@@ -123,6 +187,10 @@ def evaluate(model: pixelcnn.GatedPixelCNN, data: Dict[str, np.ndarray],
         includes, is not part of it.
       uniform_nats_per_code: log K, the cost of a uniform prior.
       uniform_bits_per_dim: the same in bits per image dimension.
+    A VQ-VAE-2's prior adds level{i}_nll_nats_per_code and
+    level{i}_uniform_nats_per_code of every level (top: level 0, given
+    nothing; each finer one given the coarser levels); the totals above are
+    over all levels' codes of an image.
   """
   dataset = input_pipeline.padded_batches(
       tf.data.Dataset.from_tensor_slices(data), batch_size)
@@ -130,21 +198,20 @@ def evaluate(model: pixelcnn.GatedPixelCNN, data: Dict[str, np.ndarray],
   # One fixed batch shape (the last batch padded and masked): compiled once.
   @tf.function(input_signature=dataset.element_spec)
   def total_nll(batch, mask):
-    nll = code_nll(model, batch["codes"], batch["labels"])
-    return tf.reduce_sum(tf.where(mask, tf.reduce_sum(nll, [1, 2]), 0.))
+    nll = _levels(code_nll(model, batch["codes"], batch["labels"]))
+    return tf.stack([tf.reduce_sum(tf.where(mask, tf.reduce_sum(n, [1, 2]),
+                                            0.)) for n in nll])
 
-  total = sum(float(total_nll(batch, mask)) for batch, mask in dataset)
-  codes_per_grid = int(np.prod(data["codes"].shape[1:]))
-  nats_per_code = total / data["codes"].size
-  uniform = math.log(model.num_embeddings)
-
-  def bits_per_dim(per_code):
-    return per_code * codes_per_grid / CIFAR10_IMAGE_DIMS / math.log(2)
-
-  return {"nll_nats_per_code": nats_per_code,
-          "bits_per_dim": bits_per_dim(nats_per_code),
-          "uniform_nats_per_code": uniform,
-          "uniform_bits_per_dim": bits_per_dim(uniform)}
+  totals = sum(total_nll(batch, mask).numpy() for batch, mask in dataset)
+  codes = _levels(data["codes"])
+  metrics = _per_level(
+      {"nll_nats_per_code": [t / c.size for t, c in zip(totals, codes)],
+       "uniform_nats_per_code": [
+           math.log(k) for k in _levels(model.num_embeddings)]}, codes)
+  for name in ("nll", "uniform"):
+    key = "bits_per_dim" if name == "nll" else "uniform_bits_per_dim"
+    metrics[key] = bits_per_dim(metrics[f"{name}_nats_per_code"], codes)
+  return {key: float(value) for key, value in metrics.items()}
 
 
 def unigram_nll(train_codes: np.ndarray, test_codes: np.ndarray,
@@ -157,6 +224,21 @@ def unigram_nll(train_codes: np.ndarray, test_codes: np.ndarray,
   counts = np.bincount(train_codes.ravel(), minlength=num_embeddings) + 1.0
   log_probs = np.log(counts / counts.sum())
   return float(-log_probs[test_codes.ravel()].mean())
+
+
+def unigram_metrics(train_codes, test_codes,
+                    num_embeddings: NumEmbeddings) -> Dict[str, float]:
+  """`unigram_nll` of every level as unigram_nats_per_code (see `_per_level`).
+
+  Also unigram_bits_per_dim, the frequency baseline's image cost.
+  """
+  tests = _levels(test_codes)
+  metrics = _per_level({"unigram_nats_per_code": [
+      unigram_nll(train, test, k) for train, test, k in zip(
+          _levels(train_codes), tests, _levels(num_embeddings))]}, tests)
+  metrics["unigram_bits_per_dim"] = bits_per_dim(
+      metrics["unigram_nats_per_code"], test_codes)
+  return metrics
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -182,40 +264,55 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   loop.check_loop_config(config)
 
 
-def fingerprint(config: ml_collections.ConfigDict, num_embeddings: int,
-                code_shape: Sequence[int],
+def fingerprint(config: ml_collections.ConfigDict,
+                num_embeddings: NumEmbeddings,
+                code_shape: Sequence[Any],
                 vqvae: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
   """What a prior's checkpoints depend on: its model and the codes it models.
 
   Args:
     config: the prior's config.
-    num_embeddings: K, the number of codes.
-    code_shape: [H, W] of a code grid.
+    num_embeddings: K, the number of codes (a VQ-VAE-2: each level's).
+    code_shape: [H, W] of a code grid (a VQ-VAE-2: each level's).
     vqvae: the VQ-VAE the codes come from (see `vqvae_provenance`), or None
       for codes from elsewhere.
   """
+  if isinstance(num_embeddings, int):
+    sizes, shape = int(num_embeddings), [int(n) for n in code_shape]
+  else:
+    sizes = [int(k) for k in num_embeddings]
+    shape = [[int(n) for n in level] for level in code_shape]
   return {
       "model": {key: config[key] for key in _MODEL_KEYS},
-      "num_embeddings": int(num_embeddings),
-      "code_shape": [int(n) for n in code_shape],
+      "num_embeddings": sizes,
+      "code_shape": shape,
       "vqvae": None if vqvae is None else dict(vqvae),
   }
+
+
+def _code_shape(codes) -> Any:
+  """[H, W] of [N, H, W] codes; a VQ-VAE-2's tuple: each level's."""
+  if isinstance(codes, (list, tuple)):
+    return [c.shape[1:] for c in codes]
+  return codes.shape[1:]
 
 
 def vqvae_provenance(vqvae: snt.Module, step: int) -> Dict[str, Any]:
   """Identifies a trained VQ-VAE: its checkpoint step and codebook hash.
 
-  The hash tells two VQ-VAEs apart even when their configs, data and steps
-  agree (another seed) or when a workdir was moved.
+  The hash (of every level's codebook, top first, for a VQ-VAE-2) tells two
+  VQ-VAEs apart even when their configs, data and steps agree (another seed)
+  or when a workdir was moved.
   """
-  codebook = np.ascontiguousarray(vqvae.quantizer.embeddings.numpy())
-  return {"step": int(step),
-          "codebook_sha256": hashlib.sha256(codebook.tobytes()).hexdigest()}
+  digest = hashlib.sha256()
+  for quantizer in getattr(vqvae, "quantizers", [vqvae.quantizer]):
+    digest.update(np.ascontiguousarray(quantizer.embeddings.numpy()).tobytes())
+  return {"step": int(step), "codebook_sha256": digest.hexdigest()}
 
 
 def train_on_codes(config: ml_collections.ConfigDict,
-                   train_data: Dict[str, np.ndarray],
-                   test_data: Dict[str, np.ndarray], num_embeddings: int,
+                   train_data: Dict[str, Any],
+                   test_data: Dict[str, Any], num_embeddings: NumEmbeddings,
                    workdir: str,
                    vqvae: Optional[Mapping[str, Any]] = None,
                    metadata: Optional[Mapping[str, Any]] = None
@@ -228,9 +325,11 @@ def train_on_codes(config: ml_collections.ConfigDict,
 
   Args:
     config: a configs/prior.py config.
-    train_data: {'codes': [N, H, W], 'labels': [N]} to train on.
+    train_data: {'codes': [N, H, W], 'labels': [N]} to train on; for a
+      VQ-VAE-2 'codes' is a tuple of each level's grids, top first.
     test_data: the same for evaluation.
-    num_embeddings: K, the codebook size.
+    num_embeddings: K, the codebook size; for a VQ-VAE-2 a list of each
+      level's (a `HierarchicalPrior` is trained).
     workdir: where checkpoints, run.json, metrics.jsonl and eval.json go; a
       run resumes from its latest checkpoint.
     vqvae: the VQ-VAE the codes come from (`vqvae_provenance`), part of the
@@ -238,9 +337,10 @@ def train_on_codes(config: ml_collections.ConfigDict,
     metadata: more entries for run.json (e.g. the VQ-VAE's workdir).
 
   Returns:
-    The `evaluate` metrics on test_data plus `step`,
-    `unigram_nats_per_code` (see `unigram_nll`) and `train_nll_nats_per_code`
-    (mean over the last logged window), also written to workdir/eval.json.
+    The `evaluate` metrics on test_data plus `step`, the frequency
+    baseline's `unigram_*` (see `unigram_metrics`) and
+    `train_nll_nats_per_code` (mean over the last logged window), also
+    written to workdir/eval.json.
 
   Raises:
     ValueError: for a bad config, or a batch that does not split evenly over
@@ -254,7 +354,7 @@ def train_on_codes(config: ml_collections.ConfigDict,
   # strategy over the same devices would reuse its collective keys.
   strategy = distribute.make_strategy(config.strategy)
   distribute.check_batch_size(config.batch_size, strategy)
-  print_ = fingerprint(config, num_embeddings, train_data["codes"].shape[1:],
+  print_ = fingerprint(config, num_embeddings, _code_shape(train_data["codes"]),
                        vqvae)
   run_dir, stored = loop.open_run(workdir, print_)
   with run_dir:  # Releases the workdir's lock however training ends.
@@ -276,7 +376,7 @@ def train_on_codes(config: ml_collections.ConfigDict,
     # A fixed shuffle seed and skipping the steps already taken give a
     # resumed run the same batches as an uninterrupted one.
     dataset = (tf.data.Dataset.from_tensor_slices(train_data)
-               .shuffle(len(train_data["codes"]), seed=config.seed).repeat()
+               .shuffle(len(train_data["labels"]), seed=config.seed).repeat()
                .batch(config.batch_size, drop_remainder=True).skip(start)
                .prefetch(tf.data.AUTOTUNE))
     train_loop = loop.select_loop(
@@ -306,24 +406,32 @@ def train_on_codes(config: ml_collections.ConfigDict,
     metrics.update(
         step=max(start, config.num_steps),
         train_nll_nats_per_code=rows[-1]["loss"] if rows else None,
-        unigram_nats_per_code=unigram_nll(
-            train_data["codes"], test_data["codes"], num_embeddings))
+        **unigram_metrics(train_data["codes"], test_data["codes"],
+                          num_embeddings))
     logging.info("Test: %s", metrics)
     loop.write_eval(run_dir, metrics)
   return metrics
 
 
-def _make_replica_step(model: pixelcnn.GatedPixelCNN, optimizer: optim.Adam):
-  """Returns replica_step(batch) -> {'loss': mean NLL in nats/code}."""
+def _make_replica_step(model: Prior, optimizer: optim.Adam):
+  """Returns replica_step(batch) -> {'loss': mean NLL in nats/code}.
+
+  A VQ-VAE-2's loss is the mean over every level's codes (so the total NLL
+  of an image, per code); level{i}_nll adds each level's mean to the rows.
+  """
 
   def replica_step(batch):
     with tf.GradientTape() as tape:
-      loss = tf.reduce_mean(code_nll(model, batch["codes"], batch["labels"]))
+      nll = _levels(code_nll(model, batch["codes"], batch["labels"]))
+      loss = (tf.add_n([tf.reduce_sum(n) for n in nll]) /
+              sum(n.shape.num_elements() for n in nll))
     # Dense: Adam's moments are dense; the embedding's gradient is sparse.
     grads = [tf.convert_to_tensor(g)
              for g in tape.gradient(loss, model.trainable_variables)]
-    return {"loss": loop.update(optimizer, model.trainable_variables, grads,
-                                loss)}
+    loss = loop.update(optimizer, model.trainable_variables, grads, loss)
+    levels = ({f"level{i}_nll": tf.reduce_mean(n) for i, n in enumerate(nll)}
+              if len(nll) > 1 else {})
+    return dict(loop.mean_over_replicas(levels), loss=loss)
 
   return replica_step
 
@@ -365,15 +473,6 @@ def train_prior(config: ml_collections.ConfigDict, vqvae_workdir: str,
     The metrics of `train_on_codes`, also written to workdir/eval.json.
   """
   validate_config(config)
-  stored = rundir.RunDir(vqvae_workdir, writer=False).read_metadata(
-      loop.RUN_FILE)
-  levels = train.num_levels(ml_collections.ConfigDict(
-      stored["config"])) if stored else 1
-  if levels > 1:
-    raise ValueError(
-        f"The VQ-VAE in {vqvae_workdir!r} has {levels} levels (VQ-VAE-2); "
-        "priors over VQ-VAE-2 codes are not built yet. Train this prior on a "
-        "plain VQ-VAE (num_levels=1).")
   step = _latest_vqvae_step(vqvae_workdir)
   vqvae_config, vqvae = train.restore_model(vqvae_workdir, step)
   options = _data_options(config, vqvae_config)
@@ -382,21 +481,26 @@ def train_prior(config: ml_collections.ConfigDict, vqvae_workdir: str,
                           **options) for split in ("train", "test")
   }
   logging.info("Encoded %d train and %d test images to %s code grids.",
-               len(data["train"]["codes"]), len(data["test"]["codes"]),
-               data["train"]["codes"].shape[1:])
+               len(data["train"]["labels"]), len(data["test"]["labels"]),
+               _code_shape(data["train"]["codes"]))
+  # A VQ-VAE-2 gets one PixelCNN per level (build_prior takes the list).
+  num_embeddings = (hierarchical.level_num_embeddings(vqvae_config)
+                    if train.num_levels(vqvae_config) > 1
+                    else vqvae_config.num_embeddings)
   return train_on_codes(
-      config, data["train"], data["test"], vqvae_config.num_embeddings,
+      config, data["train"], data["test"], num_embeddings,
       workdir, vqvae=vqvae_provenance(vqvae, step),
       metadata={"vqvae_workdir": os.path.abspath(vqvae_workdir)})
 
 
-def restore_prior(workdir: str, num_embeddings: Optional[int] = None
-                  ) -> Tuple[ml_collections.ConfigDict, pixelcnn.GatedPixelCNN]:
+def restore_prior(workdir: str, num_embeddings: Optional[NumEmbeddings] = None
+                  ) -> Tuple[ml_collections.ConfigDict, Prior]:
   """Rebuilds the prior from a workdir's run.json and newest checkpoint.
 
   Args:
     workdir: a `train_on_codes` / `train_prior` run's workdir.
-    num_embeddings: K; None takes the run's.
+    num_embeddings: K (a VQ-VAE-2's prior: each level's); None takes the
+      run's.
 
   Raises:
     FileNotFoundError: if workdir holds no prior run or checkpoint.
@@ -410,11 +514,9 @@ def restore_prior(workdir: str, num_embeddings: Optional[int] = None
     raise ValueError(
         f"The prior in {workdir!r} models {print_['num_embeddings']} codes, "
         f"not {num_embeddings}.")
+  # Its variables exist from the constructor, so that a mismatch is caught;
+  # the optimizer's too, so that the checkpoint restores whole.
   model = build_prior(config, print_["num_embeddings"])
-  # Variables exist before the restore, so that a mismatch is caught; the
-  # optimizer too, so that the checkpoint restores whole.
-  model(tf.zeros([1, *print_["code_shape"]], tf.int32),
-        tf.zeros([1], tf.int32) if config.class_conditional else None)
   optimizer = optim.Adam(config.learning_rate)
   optimizer.build(model.trainable_variables)
   checkpoints = rundir.Checkpoints(
@@ -468,15 +570,16 @@ def restore_vqvae_of_prior(workdir: str, vqvae_workdir: str
   return vqvae_config, vqvae
 
 
-def sample_images(model: pixelcnn.GatedPixelCNN, vqvae: snt.Module, *,
+def sample_images(model: Prior, vqvae: snt.Module, *,
                   num_samples: int, label: int, temperature: float,
                   seed: int) -> np.ndarray:
   """Samples code grids from the prior and decodes them with the VQ-VAE.
 
   Args:
     model: the prior.
-    vqvae: a model with `encode` ([B, 32, 32, 3] images -> [B, H, W] codes) and
-      `decode` (codes -> images).
+    vqvae: a model with `encode` ([B, 32, 32, 3] images -> [B, H, W] codes;
+      a VQ-VAE-2: each level's, top first) and `decode` (codes -> images).
+      A VQ-VAE-2's levels are drawn top-down, each given the coarser ones.
     num_samples: images to draw.
     label: class of every sample; < 0 cycles through the classes for a
       class-conditional prior and is required for an unconditional one.
@@ -497,10 +600,14 @@ def sample_images(model: pixelcnn.GatedPixelCNN, vqvae: snt.Module, *,
     labels = np.arange(num_samples) % model.num_classes
   else:
     labels = label
-  # The grid size is what the encoder makes of one image.
-  height, width = vqvae.encode(tf.zeros([1, 32, 32, 3])).shape[1:]
-  codes = model.sample(num_samples, height, width, labels=labels,
-                       temperature=temperature, seed=seed)
+  # The grid sizes are what the encoder makes of one image.
+  shapes = [tuple(c.shape[1:])
+            for c in _levels(vqvae.encode(tf.zeros([1, 32, 32, 3])))]
+  options = dict(labels=labels, temperature=temperature, seed=seed)
+  if isinstance(model, hierarchical_prior.HierarchicalPrior):
+    codes = model.sample(num_samples, shapes, **options)
+  else:
+    codes = model.sample(num_samples, *shapes[0], **options)
   return vqvae.decode(codes).numpy()
 
 

@@ -225,7 +225,6 @@ class TrainConfigTest(parameterized.TestCase):
     import tempfile  # pylint: disable=g-import-not-at-top
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     from sonnet_vqvae import export  # pylint: disable=g-import-not-at-top
-    from sonnet_vqvae import prior  # pylint: disable=g-import-not-at-top
     from sonnet_vqvae import rundir  # pylint: disable=g-import-not-at-top
     workdir = tempfile.mkdtemp()
     config = tiny.vqvae_config(num_levels=2, level_num_embeddings=(8, 16))
@@ -260,8 +259,6 @@ class TrainConfigTest(parameterized.TestCase):
       with self.assertRaisesRegex(rundir.FingerprintMismatch, "num_levels"):
         train.train(tiny.vqvae_config(num_levels=3, num_steps=8), workdir)
     # What is not built yet says so, before any work.
-    with self.assertRaisesRegex(ValueError, "priors over VQ-VAE-2"):
-      prior.train_prior(tiny.prior_config(), workdir, tempfile.mkdtemp())
     with self.assertRaisesRegex(ValueError, "export is not built yet"):
       export.export_saved_model(workdir, os.path.join(tempfile.mkdtemp(), "x"))
 
