@@ -1,4 +1,4 @@
-"""Runs notebooks/vqvae_example.ipynb top to bottom with a tiny step count."""
+"""Runs the notebooks top to bottom with a tiny step count."""
 
 import os
 import pathlib
@@ -7,7 +7,7 @@ import nbclient
 import nbformat
 import pytest
 
-_NOTEBOOK = pathlib.Path(__file__).parent.parent / "notebooks" / "vqvae_example.ipynb"
+_NOTEBOOKS = pathlib.Path(__file__).parent.parent / "notebooks"
 # Starts tfds' mock data inside the kernel when the real subset is absent.
 _MOCK_DATA = """
 import tensorflow_datasets as tfds
@@ -23,11 +23,26 @@ def _parameters_index(notebook) -> int:
   raise AssertionError("The notebook has no cell tagged 'parameters'.")
 
 
+# Each notebook, the images it must show and the files its run must write.
+_EXPECTED = {
+    # Training images, curves, reconstructions, codebook, encode/decode,
+    # samples; the export cell wrote a SavedModel and a fresh process loaded
+    # it.
+    "vqvae_example.ipynb": (6, ("eval.json", "prior/prior_samples.png",
+                                "export/saved_model.pb")),
+    # Curves, reconstructions, the level reconstructions, samples.
+    "vqvae2_example.ipynb": (4, ("eval.json", "level_reconstructions.png",
+                                 "prior/prior_samples.png",
+                                 "prior/eval.json")),
+}
+
+
 @pytest.mark.slow
-def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", sorted(_EXPECTED))
+def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
   # The kernel imports this checkout, whether or not it is installed.
-  monkeypatch.setenv("PYTHONPATH", str(_NOTEBOOK.parent.parent))
-  notebook = nbformat.read(_NOTEBOOK, as_version=4)
+  monkeypatch.setenv("PYTHONPATH", str(_NOTEBOOKS.parent))
+  notebook = nbformat.read(_NOTEBOOKS / name, as_version=4)
   # The committed run's own parameters give way to the test's.
   notebook.cells = [cell for cell in notebook.cells if "injected-parameters"
                     not in cell.metadata.get("tags", [])]
@@ -49,9 +64,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   outputs = [output for cell in notebook.cells if cell.cell_type == "code"
              for output in cell.get("outputs", [])]
   images = [o for o in outputs if "image/png" in o.get("data", {})]
-  # Training images, curves, reconstructions, codebook, encode/decode, samples.
-  assert len(images) >= 6
-  assert (tmp_path / "run" / "eval.json").exists()
-  assert (tmp_path / "run" / "prior" / "prior_samples.png").exists()
-  # The export cell wrote a SavedModel and a fresh process loaded it.
-  assert (tmp_path / "run" / "export" / "saved_model.pb").exists()
+  num_images, files = _EXPECTED[name]
+  assert len(images) >= num_images
+  for path in files:
+    assert (tmp_path / "run" / path).exists(), path
