@@ -473,7 +473,8 @@ def evaluate_and_plot(config: config_dict.ConfigDict,
     FloatingPointError: for non-finite metrics, after writing them to
       eval.json as null (the figures are then not drawn).
   """
-  test = _load(config, "test")
+  # .get: run.json configs written before eval_split existed.
+  test = _load(config, config.get("eval_split", "test"))
   metrics, counts, (originals, recons) = _evaluate(
       model, input_pipeline.eval_dataset(test, config.eval_batch_size))
   logging.info("Test: %s", metrics)

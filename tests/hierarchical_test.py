@@ -262,6 +262,24 @@ class TrainConfigTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "export is not built yet"):
       export.export_saved_model(workdir, os.path.join(tempfile.mkdtemp(), "x"))
 
+  def test_three_levels_on_64x64_images(self):
+    import tempfile  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    workdir = tempfile.mkdtemp()
+    # tfds' 64x64 ImageNet, mocked: 4x4, 8x8 and 16x16 code grids.
+    config = tiny.vqvae_config(
+        num_levels=3, level_num_embeddings=(8, 8, 16), num_steps=2,
+        dataset="imagenet_resized/64x64", eval_split="validation")
+    with tfds.testing.mock_data(num_examples=8):
+      metrics = train.train_and_evaluate(config, workdir)
+    for level in range(3):
+      self.assertIn(f"level{level}_codes_used", metrics)
+    self.assertIn("top2_nmse", metrics)
+    _, model = train.restore_model(workdir)
+    codes = model.encode(_images(1, 64))
+    self.assertEqual([tuple(c.shape) for c in codes],
+                     [(1, 4, 4), (1, 8, 8), (1, 16, 16)])
+
   def test_plain_fingerprint_is_unchanged(self):
     print_ = train.fingerprint(tiny.vqvae_config(), (32, 32, 3))
     self.assertNotIn("num_levels", print_["model"])

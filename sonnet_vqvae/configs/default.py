@@ -20,6 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_dir = ml_collections.config_dict.placeholder(str)
   config.download = True
   config.shuffle_buffer = 10_000
+  # The split evaluate reads; e.g. "validation" for imagenet_resized/64x64.
+  config.eval_split = "test"
 
   # Model.
   config.num_hiddens = 128
