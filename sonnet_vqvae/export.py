@@ -22,25 +22,31 @@ codebook size):
   "images_uint8"}; the same seed gives the same images. The autoregressive
   loop is a `tf.while_loop` in the graph, not Python.
 
+A VQ-VAE-2 (`num_levels` > 1) is exported the same way with one code grid
+per level: "codes_0" (the top level) to "codes_{L-1}" (the bottom) replace
+"codes" in every signature's inputs and outputs, and `sample` (its prior's
+workdir) draws them top-down.
+
 The quantizer's [B*h*w, K] outputs (`distances`, `encodings`) are in no
 signature. Inputs of another shape or dtype fail with TensorFlow's error
 naming the expected `TensorSpec`; codes out of [0, K), labels that are no
 class and a temperature that is not positive fail with an error saying so.
 
 The loaded object also holds `image_shape`, `code_shape` and
-`num_embeddings` (int32 variables).
+`num_embeddings` (int32 variables; a VQ-VAE-2's: [L, 2] and [L], top first).
 """
 
 import os
 import shutil
 import sys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from absl import app
 from absl import flags
 from absl import logging
 import tensorflow as tf
 
+from sonnet_vqvae import hierarchical_prior
 from sonnet_vqvae import input_pipeline
 from sonnet_vqvae import loop
 from sonnet_vqvae import networks
@@ -59,25 +65,36 @@ class Exported(tf.Module):
 
   def __init__(self, vqvae: networks.VQVAEModel,
                image_shape: Sequence[int],
-               prior: Optional[pixelcnn.GatedPixelCNN] = None,
+               prior: Optional[Union[pixelcnn.GatedPixelCNN,
+                                     hierarchical_prior.HierarchicalPrior]
+                              ] = None,
                name: str = "sonnet_vqvae_export"):
     super().__init__(name=name)
     self.vqvae = vqvae
     self.prior = prior
     image_shape = [int(n) for n in image_shape]
-    code_shape = [int(n) for n in
-                  vqvae.encode(tf.zeros([1, *image_shape])).shape[1:]]
+    encoded = vqvae.encode(tf.zeros([1, *image_shape]))
+    # A VQ-VAE-2's codes are a list of grids (top first); a VQ-VAE's one.
+    self._levels = len(encoded) if isinstance(encoded, list) else 1
+    code_shapes = [[int(n) for n in c.shape[1:]]
+                   for c in (encoded if self._levels > 1 else [encoded])]
+    sizes = [q.num_embeddings
+             for q in getattr(vqvae, "quantizers", [vqvae.quantizer])]
+    one = self._levels == 1
     self.image_shape = tf.Variable(image_shape, trainable=False)
-    self.code_shape = tf.Variable(code_shape, trainable=False)
-    self.num_embeddings = tf.Variable(vqvae.quantizer.num_embeddings,
+    self.code_shape = tf.Variable(code_shapes[0] if one else code_shapes,
+                                  trainable=False)
+    self.num_embeddings = tf.Variable(sizes[0] if one else sizes,
                                       trainable=False)
-    self._image_shape, self._code_shape = image_shape, code_shape
+    self._image_shape, self._code_shapes = image_shape, code_shapes
+    self._sizes = sizes
     images = tf.TensorSpec([None, *image_shape], tf.uint8, name="images")
     floats = tf.TensorSpec([None, *image_shape], tf.float32, name="images")
-    codes = tf.TensorSpec([None, *code_shape], tf.int32, name="codes")
+    codes = [tf.TensorSpec([None, *shape], tf.int32, name=name)
+             for shape, name in zip(code_shapes, self._code_names())]
     self.encode = tf.function(self._encode_uint8, input_signature=[images])
     self.encode_float = tf.function(self._encode, input_signature=[floats])
-    self.decode = tf.function(self._decode, input_signature=[codes])
+    self.decode = tf.function(self._decode, input_signature=codes)
     self.reconstruct = tf.function(self._reconstruct,
                                    input_signature=[images])
     if prior is not None:
@@ -93,25 +110,41 @@ class Exported(tf.Module):
       names.append("sample")
     return {n: getattr(self, n).get_concrete_function() for n in names}
 
+  def _code_names(self):
+    """"codes", or a VQ-VAE-2's "codes_0" (top) ... "codes_{L-1}"."""
+    if self._levels == 1:
+      return ["codes"]
+    return [f"codes_{level}" for level in range(self._levels)]
+
+  def _named(self, codes):
+    """{name: grid} of a list of grids, top first."""
+    return {name: tf.cast(c, tf.int32)
+            for name, c in zip(self._code_names(), codes)}
+
   def _encode(self, images):
-    return {"codes": tf.cast(self.vqvae.encode(images), tf.int32)}
+    codes = self.vqvae.encode(images)
+    return self._named(codes if self._levels > 1 else [codes])
 
   def _encode_uint8(self, images):
     return self._encode(input_pipeline.scale_images(images))
 
-  def _decode(self, codes):
-    k = self.vqvae.quantizer.num_embeddings
-    with tf.control_dependencies([
-        tf.debugging.assert_non_negative(
-            codes, message=f"decode: codes must be in [0, {k})"),
-        tf.debugging.assert_less(
-            codes, k, message=f"decode: codes must be in [0, {k})")]):
-      images = self.vqvae.decode(tf.identity(codes))
+  def _decode(self, *codes):
+    checks = []
+    for name, c, k in zip(self._code_names(), codes, self._sizes):
+      message = f"decode: {name} must be in [0, {k})"
+      checks += [tf.debugging.assert_non_negative(c, message=message),
+                 tf.debugging.assert_less(c, k, message=message)]
+    with tf.control_dependencies(checks):
+      codes = [tf.identity(c) for c in codes]
+    images = self.vqvae.decode(codes if self._levels > 1 else codes[0])
     return {"images": images, "images_uint8": _to_uint8(images)}
 
+  def _decode_named(self, named):
+    return self._decode(*[named[name] for name in self._code_names()])
+
   def _reconstruct(self, images):
-    codes = self._encode_uint8(images)["codes"]
-    return dict(self._decode(codes), codes=codes)
+    codes = self._encode_uint8(images)
+    return dict(self._decode_named(codes), **codes)
 
   def _sample(self, labels, temperature, seed):
     prior = self.prior
@@ -127,11 +160,15 @@ class Exported(tf.Module):
               f"in [0, {prior.num_classes})")]
     with tf.control_dependencies(checks):  # Before any use of them.
       labels, temperature = tf.identity(labels), tf.identity(temperature)
-    height, width = self._code_shape
-    codes = prior.sample_graph(tf.shape(labels)[0], height, width,
-                               labels if prior.num_classes else None,
-                               temperature, tf.stack([seed, 0]))
-    return dict(self._decode(codes), codes=codes)
+    args = (labels if prior.num_classes else None, temperature,
+            tf.stack([seed, 0]))
+    if isinstance(prior, hierarchical_prior.HierarchicalPrior):
+      codes = prior.sample_graph(tf.shape(labels)[0], self._code_shapes, *args)
+    else:
+      codes = [prior.sample_graph(tf.shape(labels)[0], *self._code_shapes[0],
+                                  *args)]
+    codes = self._named(codes)
+    return dict(self._decode_named(codes), **codes)
 
 
 def _check_output(output: str) -> None:
@@ -183,11 +220,6 @@ def export_saved_model(workdir: str, output: str,
     image_shape = rundir.RunDir(vqvae_workdir, writer=False).read_metadata(
         loop.RUN_FILE)["fingerprint"]["image_shape"]
   else:
-    levels = stored["fingerprint"]["model"].get("num_levels", 1)
-    if levels > 1:
-      raise ValueError(
-          f"The VQ-VAE in {workdir!r} has {levels} levels (VQ-VAE-2); its "
-          "export is not built yet (nothing was written).")
     _, vqvae = train.restore_model(workdir)
     image_shape = stored["fingerprint"]["image_shape"]
   module = Exported(vqvae, image_shape, prior)

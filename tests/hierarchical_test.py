@@ -224,7 +224,6 @@ class TrainConfigTest(parameterized.TestCase):
     import os  # pylint: disable=g-import-not-at-top
     import tempfile  # pylint: disable=g-import-not-at-top
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    from sonnet_vqvae import export  # pylint: disable=g-import-not-at-top
     from sonnet_vqvae import rundir  # pylint: disable=g-import-not-at-top
     workdir = tempfile.mkdtemp()
     config = tiny.vqvae_config(num_levels=2, level_num_embeddings=(8, 16))
@@ -258,9 +257,6 @@ class TrainConfigTest(parameterized.TestCase):
     with tfds.testing.mock_data(num_examples=16):
       with self.assertRaisesRegex(rundir.FingerprintMismatch, "num_levels"):
         train.train(tiny.vqvae_config(num_levels=3, num_steps=8), workdir)
-    # What is not built yet says so, before any work.
-    with self.assertRaisesRegex(ValueError, "export is not built yet"):
-      export.export_saved_model(workdir, os.path.join(tempfile.mkdtemp(), "x"))
 
   def test_three_levels_on_64x64_images(self):
     import tempfile  # pylint: disable=g-import-not-at-top
