@@ -176,11 +176,15 @@ class HierarchicalPrior(pixelcnn.EagerModule):
              *,
              labels: Optional[tf.Tensor] = None,
              temperature: float = 1.0,
-             seed: int = 0) -> List[tf.Tensor]:
+             seed: int = 0,
+             given: Sequence[tf.Tensor] = ()) -> List[tf.Tensor]:
     """Draws every level's codes, ancestrally, top level first.
 
     Each level is sampled position by position given the levels already
-    drawn; the same seed gives the same grids.
+    drawn; the same seed gives the same grids. With `given`, the top
+    levels are not drawn but taken from it, and only the finer ones are
+    sampled given them: e.g. an image's own top codes with new bottom
+    codes show what its top level carries.
 
     Args:
       num_samples: B, code grids per level.
@@ -189,13 +193,17 @@ class HierarchicalPrior(pixelcnn.EagerModule):
         is class conditional.
       temperature: logits are divided by it; > 0, lower is greedier.
       seed: integer seed.
+      given: the [B, H_i, W_i] int codes of the top len(given) levels, top
+        first (fewer grids than levels).
 
     Returns:
-      Each level's [B, H_i, W_i] int32 codes, top first.
+      Each level's [B, H_i, W_i] int32 codes, top first (the given ones as
+      given).
 
     Raises:
       ValueError: on another number of shapes than levels, bad labels, sizes
-        or temperature.
+        or temperature, or given grids that are all the levels or do not
+        have their level's shape.
     """
     if len(shapes) != self.num_levels:
       raise ValueError(f"shapes must give {self.num_levels} (height, width) "
@@ -209,18 +217,27 @@ class HierarchicalPrior(pixelcnn.EagerModule):
       raise ValueError(
           "labels must be given iff the prior is class conditional "
           f"(num_classes={self._num_classes}).")
+    if len(given) >= self.num_levels:
+      raise ValueError(f"given holds {len(given)} code grids; at most "
+                       f"{self.num_levels - 1} (the top levels) can be given.")
+    given = [tf.cast(g, tf.int32) for g in given]
+    for level, grid in enumerate(given):
+      if tuple(grid.shape) != (num_samples, *shapes[level]):
+        raise ValueError(f"given[{level}] has shape {tuple(grid.shape)}, not "
+                         f"{(num_samples, *shapes[level])}.")
     if labels is not None:
       labels = tf.broadcast_to(tf.cast(labels, tf.int32), [num_samples])
     return self._sample(num_samples, tuple(tuple(s) for s in shapes), labels,
                         tf.constant(temperature, tf.float32),
-                        tf.constant([seed, 0], tf.int64))
+                        tf.constant([seed, 0], tf.int64), given)
 
   @tf.function
-  def _sample(self, num_samples, shapes, labels, temperature, seed):
-    return self.sample_graph(num_samples, shapes, labels, temperature, seed)
+  def _sample(self, num_samples, shapes, labels, temperature, seed, given):
+    return self.sample_graph(num_samples, shapes, labels, temperature, seed,
+                             given)
 
   def sample_graph(self, num_samples, shapes, labels, temperature,
-                   seed) -> List[tf.Tensor]:
+                   seed, given=()) -> List[tf.Tensor]:
     """`sample`'s graph, for use inside a tf.function.
 
     Args:
@@ -229,12 +246,15 @@ class HierarchicalPrior(pixelcnn.EagerModule):
       labels: [B] int32 labels, or None for an unconditional prior.
       temperature: scalar float32 tensor > 0 (not checked here).
       seed: [2] int64 stateless seed; level i draws with it folded with i.
+      given: the top levels' int32 codes, taken instead of drawn.
 
     Returns:
       Each level's [B, H_i, W_i] int32 codes, top first.
     """
-    codes = []
+    codes = list(given)
     for level, (prior, (height, width)) in enumerate(zip(self.priors, shapes)):
+      if level < len(given):
+        continue
       codes.append(prior.sample_graph(
           num_samples, height, width, labels, temperature,
           tf.random.experimental.stateless_fold_in(seed, level),

@@ -12,7 +12,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from sonnet_vqvae import export
 from sonnet_vqvae import hierarchical_prior
+from sonnet_vqvae import input_pipeline
 from sonnet_vqvae import prior
 from sonnet_vqvae import rundir
 from sonnet_vqvae import train
@@ -114,6 +116,24 @@ class HierarchicalPriorTest(parameterized.TestCase):
     logits = model(codes, labels)
     for c, l in zip(codes, logits):
       np.testing.assert_array_equal(c, tf.argmax(l, -1, output_type=tf.int32))
+
+  def test_given_top_levels_are_kept_and_the_rest_drawn_given_them(self):
+    model = _model(3, num_classes=10)
+    full = model.sample(4, _SHAPES[3], labels=3, seed=1)
+    top = [np.full([4, 1, 1], 2, np.int32)]
+    codes = model.sample(4, _SHAPES[3], labels=3, seed=1, given=top)
+    np.testing.assert_array_equal(codes[0], top[0])
+    self.assertEqual([tuple(c.shape) for c in codes[1:]],
+                     [(4, 2, 2), (4, 4, 4)])
+    # Given a full draw's own top levels, the same seed draws the rest as
+    # that draw did: the finer levels are drawn given what is given.
+    again = model.sample(4, _SHAPES[3], labels=3, seed=1, given=full[:2])
+    for a, b in zip(again, full):
+      np.testing.assert_array_equal(a, b)
+    with self.assertRaisesRegex(ValueError, "at most 2"):
+      model.sample(4, _SHAPES[3], labels=3, given=full)
+    with self.assertRaisesRegex(ValueError, r"given\[0\] has shape"):
+      model.sample(4, _SHAPES[3], labels=3, given=[full[1]])
 
   @parameterized.parameters(
       (dict(shapes=[(2, 2)]), "shapes"),
@@ -222,6 +242,32 @@ class EndToEndTest(absltest.TestCase):
                                  temperature=1.0, seed=0)
     codes = model.sample(2, [(4, 4), (8, 8)], labels=[0, 1], seed=0)
     np.testing.assert_array_equal(images, vqvae.decode(codes).numpy())
+
+    # The export: one code grid per level in every signature.
+    output = os.path.join(prior_dir, "export")
+    export.export_saved_model(prior_dir, output)
+    signatures = tf.saved_model.load(output).signatures
+    uint8 = np.random.default_rng(0).integers(0, 256, [3, 32, 32, 3],
+                                              dtype=np.uint8)
+    encoded = signatures["encode"](images=tf.constant(uint8))
+    for level, grid in enumerate(vqvae.encode(
+        input_pipeline.scale_images(uint8))):
+      np.testing.assert_array_equal(encoded[f"codes_{level}"], grid)
+    decoded = signatures["decode"](**encoded)
+    np.testing.assert_allclose(
+        decoded["images"], vqvae.decode([encoded["codes_0"],
+                                         encoded["codes_1"]]), atol=1e-5)
+    recon = signatures["reconstruct"](images=tf.constant(uint8))
+    np.testing.assert_array_equal(recon["images_uint8"],
+                                  decoded["images_uint8"])
+    drawn = signatures["sample"](labels=tf.constant([0, 1]),
+                                 temperature=tf.constant(1.0),
+                                 seed=tf.constant(0, tf.int64))
+    for level, grid in enumerate(codes):
+      np.testing.assert_array_equal(drawn[f"codes_{level}"], grid)
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "codes_1"):
+      signatures["decode"](codes_0=encoded["codes_0"],
+                           codes_1=encoded["codes_1"] + 16)
 
 
 if __name__ == "__main__":
