@@ -20,7 +20,7 @@ exactly `networks.VQVAEModel`: encoder, 1x1 conv, quantizer, decoder.
 checkpoints, every strategy and per-level metrics; `decode_top` decodes from
 the top levels alone (`train` plots it as level_reconstructions.png).
 `prior` fits one PixelCNN per level to its codes (`hierarchical_prior`) and
-samples them top-down; export is not built yet.
+samples them top-down; `export` writes it with one code grid per level.
 """
 
 import numbers
