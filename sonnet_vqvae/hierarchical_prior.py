@@ -10,7 +10,6 @@ top-down. Levels are listed top first, as `HierarchicalVQVAE.encode` gives
 them.
 """
 
-import math
 from typing import List, Optional, Sequence, Tuple
 
 import tensorflow as tf
@@ -210,13 +209,8 @@ class HierarchicalPrior(pixelcnn.EagerModule):
                        f"pairs, top first; got {list(shapes)}.")
     pixelcnn.check_positive(num_samples=num_samples, **{
         f"shapes[{i}]": min(shape) for i, shape in enumerate(shapes)})
-    if not (temperature > 0 and math.isfinite(temperature)):
-      raise ValueError(
-          f"temperature must be a positive finite number, got {temperature}.")
-    if (labels is None) != (self._num_classes is None):
-      raise ValueError(
-          "labels must be given iff the prior is class conditional "
-          f"(num_classes={self._num_classes}).")
+    labels, temperature = pixelcnn.sampling_args(
+        num_samples, labels, self._num_classes, temperature)
     if len(given) >= self.num_levels:
       raise ValueError(f"given holds {len(given)} code grids; at most "
                        f"{self.num_levels - 1} (the top levels) can be given.")
@@ -225,11 +219,8 @@ class HierarchicalPrior(pixelcnn.EagerModule):
       if tuple(grid.shape) != (num_samples, *shapes[level]):
         raise ValueError(f"given[{level}] has shape {tuple(grid.shape)}, not "
                          f"{(num_samples, *shapes[level])}.")
-    if labels is not None:
-      labels = tf.broadcast_to(tf.cast(labels, tf.int32), [num_samples])
     return self._sample(num_samples, tuple(tuple(s) for s in shapes), labels,
-                        tf.constant(temperature, tf.float32),
-                        tf.constant([seed, 0], tf.int64), given)
+                        temperature, tf.constant([seed, 0], tf.int64), given)
 
   @tf.function
   def _sample(self, num_samples, shapes, labels, temperature, seed, given):

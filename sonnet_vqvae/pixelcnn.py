@@ -47,6 +47,29 @@ def check_positive(**values: int):
       raise ValueError(f"{key} must be >= 1, got {value}.")
 
 
+def sampling_args(num_samples: int, labels, num_classes: Optional[int],
+                  temperature: float) -> Tuple[Optional[tf.Tensor], tf.Tensor]:
+  """Checks a draw's labels and temperature; returns them as tensors.
+
+  Returns:
+    ([num_samples] int32 labels, or None for an unconditional model; the
+    float32 temperature).
+
+  Raises:
+    ValueError: for a temperature that is not a positive finite number, or
+      labels given to an unconditional model or missing for a conditional one.
+  """
+  if not (temperature > 0 and math.isfinite(temperature)):
+    raise ValueError(
+        f"temperature must be a positive finite number, got {temperature}.")
+  if (labels is None) != (num_classes is None):
+    raise ValueError("labels must be given iff the model is class conditional "
+                     f"(num_classes={num_classes}).")
+  if labels is not None:
+    labels = tf.broadcast_to(tf.cast(labels, tf.int32), [num_samples])
+  return labels, tf.constant(temperature, tf.float32)
+
+
 class GatedLayer(EagerModule):
   """One gated layer with a vertical and a horizontal stack.
 
@@ -302,14 +325,10 @@ class GatedPixelCNN(EagerModule):
       ValueError: on bad labels (see __call__), sizes or temperature.
     """
     check_positive(num_samples=num_samples, height=height, width=width)
-    if not (temperature > 0 and math.isfinite(temperature)):
-      raise ValueError(
-          f"temperature must be a positive finite number, got {temperature}.")
+    labels, temperature = sampling_args(num_samples, labels,
+                                        self._num_classes, temperature)
     self._check_labels(labels, condition)
-    if labels is not None:
-      labels = tf.broadcast_to(tf.cast(labels, tf.int32), [num_samples])
-    return self._sample(num_samples, height, width, labels,
-                        tf.constant(temperature, tf.float32),
+    return self._sample(num_samples, height, width, labels, temperature,
                         tf.constant([seed, 0], tf.int64), condition)
 
   @tf.function

@@ -208,9 +208,9 @@ def evaluate(model: Prior, data: Dict[str, Any],
       {"nll_nats_per_code": [t / c.size for t, c in zip(totals, codes)],
        "uniform_nats_per_code": [
            math.log(k) for k in _levels(model.num_embeddings)]}, codes)
-  for name in ("nll", "uniform"):
-    key = "bits_per_dim" if name == "nll" else "uniform_bits_per_dim"
-    metrics[key] = bits_per_dim(metrics[f"{name}_nats_per_code"], codes)
+  metrics["bits_per_dim"] = bits_per_dim(metrics["nll_nats_per_code"], codes)
+  metrics["uniform_bits_per_dim"] = bits_per_dim(
+      metrics["uniform_nats_per_code"], codes)
   return {key: float(value) for key, value in metrics.items()}
 
 
