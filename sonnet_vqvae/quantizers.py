@@ -180,6 +180,48 @@ def _broadcast_from_first_replica(value: tf.Tensor) -> tf.Tensor:
                             tf.where(is_first, value, tf.zeros_like(value)))
 
 
+# How `quantize`'s gradient reaches the inputs (the `gradient` option).
+GRADIENTS = ("straight_through", "rotation")
+
+
+def rotation_trick(inputs: tf.Tensor, codes: tf.Tensor) -> tf.Tensor:
+  """`codes`, with the rotation trick's gradient to `inputs`.
+
+  The rotation trick of Fifty et al. 2024 (https://arxiv.org/abs/2410.06424):
+  each input vector e reaches its code q through the rotation R that turns
+  e/|e| onto q/|q| in their common plane (identity orthogonally to it) and the
+  rescaling |q|/|e|, both held constant (stop-gradient), so that
+
+      quantize = sg(|q| / |e| * R) e,     dL/de = |q| / |e| * R^T dL/dq,
+      R = I - 2 r r^T + 2 q^ e^T,  r = (e^ + q^) / |e^ + q^|,
+
+  with e^ = e/|e| and q^ = q/|q| (the paper's Householder form, O(D) per
+  vector). The forward value is `codes` (to rounding). An all-zero input
+  vector, which no rotation maps to its code, gets no gradient.
+
+  Args:
+    inputs: [..., D] floating tensor, the vectors before quantization (e).
+    codes: tensor of `inputs`' shape and dtype, their codes (q).
+
+  Returns:
+    A tensor of `inputs`' shape and dtype equal to `codes`.
+  """
+  e_norm = tf.norm(inputs, axis=-1, keepdims=True)
+  q_norm = tf.norm(codes, axis=-1, keepdims=True)
+  e_hat = tf.stop_gradient(tf.math.divide_no_nan(inputs, e_norm))
+  q_hat = tf.stop_gradient(tf.math.divide_no_nan(codes, q_norm))
+  r = tf.stop_gradient(tf.math.l2_normalize(e_hat + q_hat, axis=-1))
+  scale = tf.stop_gradient(tf.math.divide_no_nan(q_norm, e_norm))
+
+  def dot(a, b):
+    return tf.reduce_sum(a * b, axis=-1, keepdims=True)
+
+  rotated = scale * (inputs - 2 * r * dot(r, inputs) +
+                     2 * q_hat * dot(e_hat, inputs))
+  # The value is the code exactly where float rounding would move it.
+  return rotated + tf.stop_gradient(codes - rotated)
+
+
 def _squared_distances(flat_inputs: tf.Tensor, codebook: tf.Tensor) -> tf.Tensor:
   """[N, D] x [D, K] -> [N, K] squared Euclidean distances (reference formula)."""
   return (tf.reduce_sum(flat_inputs**2, 1, keepdims=True) -
@@ -271,8 +313,11 @@ class _Quantizer(snt.Module):
   def __init__(self, embedding_dim: int, num_embeddings: int,
                commitment_cost: float, dtype: tf.DType, trainable: bool,
                usage_decay: float, dead_code_threshold: float, kmeans_init: bool,
-               kmeans_iters: int, cosine: bool, seed: int, name: str):
+               kmeans_iters: int, cosine: bool, seed: int, name: str,
+               gradient: str = "straight_through"):
     super().__init__(name=name)
+    if gradient not in GRADIENTS:
+      raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}.")
     if embedding_dim <= 0:
       raise ValueError(f"embedding_dim must be positive, got {embedding_dim}.")
     if num_embeddings <= 0:
@@ -297,6 +342,7 @@ class _Quantizer(snt.Module):
     self.kmeans_init = kmeans_init
     self.kmeans_iters = kmeans_iters
     self.cosine = cosine
+    self.gradient = gradient
     self._seed = seed
 
     with tf.variable_creator_scope(replica_consistent_variables):
@@ -377,7 +423,8 @@ class _Quantizer(snt.Module):
     Returns:
       dict with
         quantize: inputs' shape and dtype, the quantized inputs with a
-          straight-through gradient to `inputs`.
+          straight-through gradient to `inputs` (or the rotation trick's,
+          see `gradient`).
         loss: scalar, commitment loss (plus codebook loss without EMA).
         perplexity: scalar, exp(entropy) of the code histogram of the global
           batch (over all replicas).
@@ -434,8 +481,11 @@ class _Quantizer(snt.Module):
       self._update_usage(counts, has_data)
     loss = self._loss(target, quantized)
 
-    # Straight Through Estimator
-    quantized = target + tf.stop_gradient(quantized - target)
+    if self.gradient == "rotation":
+      quantized = rotation_trick(target, quantized)
+    else:
+      # Straight Through Estimator
+      quantized = target + tf.stop_gradient(quantized - target)
     avg_probs = counts / tf.maximum(num_finite, 1.)
     perplexity = tf.exp(-tf.reduce_sum(avg_probs * tf.math.log(avg_probs + 1e-10)))
     return {
@@ -591,6 +641,7 @@ class VectorQuantizer(_Quantizer):
                kmeans_iters: int = 10,
                cosine: bool = False,
                seed: int = 0,
+               gradient: str = "straight_through",
                name: str = "vector_quantizer"):
     """Constructs the quantizer.
 
@@ -609,6 +660,10 @@ class VectorQuantizer(_Quantizer):
       kmeans_iters: Lloyd iterations of the k-means initialisation.
       cosine: quantize l2-normalised inputs with l2-normalised codes.
       seed: seed of the random choices of restarts and k-means.
+      gradient: how `quantize`'s gradient reaches the inputs (see
+        `GRADIENTS`): "straight_through" (the reference) copies it,
+        "rotation" passes it through the rotation and rescaling that map
+        each input to its code (`rotation_trick`).
       name: name of the module.
 
     Raises:
@@ -619,7 +674,7 @@ class VectorQuantizer(_Quantizer):
                      trainable=True, usage_decay=usage_decay,
                      dead_code_threshold=dead_code_threshold,
                      kmeans_init=kmeans_init, kmeans_iters=kmeans_iters,
-                     cosine=cosine, seed=seed, name=name)
+                     cosine=cosine, seed=seed, name=name, gradient=gradient)
 
   def _loss(self, inputs, quantized):
     e_latent_loss = _mean_square(tf.stop_gradient(quantized) - inputs)
@@ -666,6 +721,7 @@ class VectorQuantizerEMA(_Quantizer):
                kmeans_iters: int = 10,
                cosine: bool = False,
                seed: int = 0,
+               gradient: str = "straight_through",
                name: str = "vector_quantizer_ema"):
     """Constructs the quantizer.
 
@@ -687,6 +743,10 @@ class VectorQuantizerEMA(_Quantizer):
       kmeans_iters: Lloyd iterations of the k-means initialisation.
       cosine: quantize l2-normalised inputs with l2-normalised codes.
       seed: seed of the random choices of restarts and k-means.
+      gradient: how `quantize`'s gradient reaches the inputs (see
+        `GRADIENTS`): "straight_through" (the reference) copies it,
+        "rotation" passes it through the rotation and rescaling that map
+        each input to its code (`rotation_trick`).
       name: name of the module.
 
     Raises:
@@ -703,7 +763,7 @@ class VectorQuantizerEMA(_Quantizer):
                      trainable=False, usage_decay=usage_decay,
                      dead_code_threshold=dead_code_threshold,
                      kmeans_init=kmeans_init, kmeans_iters=kmeans_iters,
-                     cosine=cosine, seed=seed, name=name)
+                     cosine=cosine, seed=seed, name=name, gradient=gradient)
 
   def _create_statistics(self, dtype):
     # A typed decay: a Python float meets float64 statistics as float32 inside
