@@ -15,7 +15,6 @@ import sys
 import tempfile
 import time
 
-from absl import logging as absl_logging
 from absl.testing import absltest
 import numpy as np
 import pytest
@@ -89,15 +88,8 @@ class IndexFileTest(absltest.TestCase):
     before = _checkpoint_files(workdir)
     eval_before = open(os.path.join(workdir, "eval.json")).read()
     damage(os.path.join(workdir, "checkpoints", "checkpoint"))
-    # Another test in this process may have lowered absl's own logger to
-    # WARNING (e.g. a library's import); this test reads its INFO lines.
-    verbosity = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.INFO)
-    try:
-      with self.assertLogs(level="INFO") as logs:
-        _train(tiny.vqvae_config(num_steps=6), workdir)
-    finally:
-      absl_logging.set_verbosity(verbosity)
+    with self.assertLogs(level="INFO") as logs:
+      _train(tiny.vqvae_config(num_steps=6), workdir)
     self.assertIn("Training from step 4 to 6", "\n".join(logs.output))
     for path, content in before.items():  # Nothing overwritten or lost.
       with open(path, "rb") as f:
@@ -122,6 +114,7 @@ class IndexFileTest(absltest.TestCase):
 class RunMetadataTest(absltest.TestCase):
 
   @pytest.mark.slow
+  @pytest.mark.nonfinite
   def test_failed_start_leaves_no_run_metadata(self):
     """Case 2: a run that never checkpointed leaves nothing to adopt."""
     workdir = tempfile.mkdtemp()
@@ -198,6 +191,7 @@ class MetricsRowsTest(absltest.TestCase):
 class EvaluationTest(absltest.TestCase):
 
   @pytest.mark.slow
+  @pytest.mark.nonfinite
   def test_non_finite_evaluation_is_null_and_an_error(self):
     """Case 5: NaN test metrics are valid JSON and fail the run."""
     workdir = tempfile.mkdtemp()

@@ -91,6 +91,7 @@ class LoopTest(parameterized.TestCase):
                                  err_msg=x.name)
 
   @parameterized.named_parameters(("plain", False), ("xla", True))
+  @pytest.mark.nonfinite
   def test_non_finite_loss_stops_the_loop_before_its_update(self, jit_compile):
     strategy = tf.distribute.get_strategy()
     model, optimizer = _model()
@@ -235,6 +236,7 @@ class RunTest(absltest.TestCase):
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
   @pytest.mark.slow
+  @pytest.mark.nonfinite
   def test_non_finite_loss_in_a_loop_names_the_step_and_keeps_checkpoints(
       self):
     workdir = tempfile.mkdtemp()

@@ -3,6 +3,7 @@
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from sonnet_vqvae import loss_scale
@@ -21,6 +22,7 @@ class DynamicLossScaleTest(parameterized.TestCase):
     self.assertEqual(float(scale.scale.numpy()), 8.)
 
   @parameterized.parameters(np.inf, -np.inf, np.nan)
+  @pytest.mark.nonfinite
   def test_overflow_halves_scale_and_resets_run(self, bad):
     scale = loss_scale.DynamicLossScale(initial_scale=8.)
     scale.update([tf.constant(1.)])
@@ -38,6 +40,7 @@ class DynamicLossScaleTest(parameterized.TestCase):
       seen.append(float(scale.scale.numpy()))
     self.assertEqual(seen, [4., 4., 8., 8., 8., 16., 16.])
 
+  @pytest.mark.nonfinite
   def test_never_below_min_scale(self):
     scale = loss_scale.DynamicLossScale(initial_scale=2., min_scale=1.)
     for _ in range(3):

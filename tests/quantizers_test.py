@@ -7,6 +7,7 @@ from unittest import mock
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
+import pytest
 import sonnet as snt
 import tensorflow as tf
 
@@ -278,6 +279,7 @@ class ExponentialMovingAverageTest(parameterized.TestCase):
     np.testing.assert_array_equal(ema(tf.fill([2], 3.)), [3., 3.])
 
 
+@pytest.mark.nonfinite
 class NonFiniteInputsTest(parameterized.TestCase):
 
   @parameterized.product(
@@ -523,6 +525,7 @@ class CodebookHealthTest(parameterized.TestCase):
     self.assertEqual(used_without, 1)
     self.assertGreaterEqual(used_with, 12)
 
+  @pytest.mark.nonfinite
   def test_restarts_and_nonfinite_inputs_under_xla(self):
     vq = self._collapsed(True, dead_code_threshold=0.5, kmeans_init=True)
     step = tf.function(lambda x: vq(x, is_training=True), jit_compile=True)

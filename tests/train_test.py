@@ -109,6 +109,7 @@ class TrainTest(parameterized.TestCase):
     # Only float16 scales the loss.
     self.assertEqual("loss_scale" in rows[-1], precision == "float16")
 
+  @pytest.mark.nonfinite
   def test_float16_overflowing_step_is_skipped_and_scale_lowered(self):
     config = tiny_config(mixed_precision="float16")
     strategy = tf.distribute.get_strategy()
@@ -184,6 +185,7 @@ class TrainTest(parameterized.TestCase):
       _train(tiny_config(num_steps=4, num_hiddens=32), self.workdir)
 
   @pytest.mark.slow
+  @pytest.mark.nonfinite
   def test_non_finite_loss_stops_and_keeps_checkpoint(self):
     _train(tiny_config(num_steps=2), self.workdir)
     with self.assertRaisesRegex(FloatingPointError, "last good checkpoint"):
