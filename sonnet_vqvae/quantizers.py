@@ -307,6 +307,40 @@ def _kmeans(points: tf.Tensor, valid: tf.Tensor, num_clusters: int,
   return tf.transpose(centres)
 
 
+def check_inputs(inputs: tf.Tensor, embedding_dim: int) -> None:
+  """Raises unless `inputs` is floating with shape [..., embedding_dim]."""
+  if inputs.shape.rank is not None and inputs.shape.rank < 2:
+    raise ValueError(
+        f"inputs must have rank >= 2 ([..., embedding_dim]), got shape "
+        f"{inputs.shape}.")
+  if inputs.shape[-1] not in (None, embedding_dim):
+    raise ValueError(
+        f"The last axis of inputs must equal embedding_dim="
+        f"{embedding_dim}, got {inputs.shape[-1]} (inputs shape "
+        f"{inputs.shape}).")
+  if not inputs.dtype.is_floating:
+    raise TypeError(f"inputs must be floating point, got {inputs.dtype}.")
+
+
+def check_indices(indices: tf.Tensor, num_embeddings: int,
+                  caller: str) -> tf.Tensor:
+  """Asserts 0 <= `indices` < num_embeddings; returns the bool in-range mask.
+
+  The assertions raise InvalidArgumentError eagerly and in graphs. XLA
+  compiles them out: callers poison out-of-range entries with the mask.
+  """
+  indices = tf.convert_to_tensor(indices)
+  checks = [
+      tf.debugging.assert_non_negative(
+          indices, message=f"{caller}: negative code index"),
+      tf.debugging.assert_less(
+          indices, tf.cast(num_embeddings, indices.dtype),
+          message=f"{caller}: code index >= num_embeddings={num_embeddings}"),
+  ]
+  with tf.control_dependencies(checks):
+    return tf.identity((indices >= 0) & (indices < num_embeddings))
+
+
 class _Quantizer(snt.Module):
   """Shared search, losses, metrics and codebook health of both quantizers."""
 
@@ -387,19 +421,6 @@ class _Quantizer(snt.Module):
       codebook = tf.math.l2_normalize(codebook, axis=0)
     return codebook
 
-  def _check_inputs(self, inputs: tf.Tensor) -> None:
-    if inputs.shape.rank is not None and inputs.shape.rank < 2:
-      raise ValueError(
-          f"inputs must have rank >= 2 ([..., embedding_dim]), got shape "
-          f"{inputs.shape}.")
-    if inputs.shape[-1] not in (None, self.embedding_dim):
-      raise ValueError(
-          f"The last axis of inputs must equal embedding_dim="
-          f"{self.embedding_dim}, got {inputs.shape[-1]} (inputs shape "
-          f"{inputs.shape}).")
-    if not inputs.dtype.is_floating:
-      raise TypeError(f"inputs must be floating point, got {inputs.dtype}.")
-
   def __call__(self, inputs: tf.Tensor, is_training: bool) -> Dict[str, tf.Tensor]:
     """Quantizes `inputs` to their nearest codebook vectors.
 
@@ -438,7 +459,7 @@ class _Quantizer(snt.Module):
         nonfinite_inputs: int32 scalar, non-finite vectors in the global batch.
     """
     inputs = tf.convert_to_tensor(inputs)
-    self._check_inputs(inputs)
+    check_inputs(inputs, self.embedding_dim)
     compute_dtype = self._compute_dtype(inputs)
     flat_inputs = tf.cast(tf.reshape(inputs, [-1, self.embedding_dim]),
                           compute_dtype)
@@ -586,22 +607,12 @@ class _Quantizer(snt.Module):
       tf.errors.InvalidArgumentError: if an index is outside [0, num_embeddings)
         (not under XLA, see above).
     """
-    encoding_indices = tf.convert_to_tensor(encoding_indices)
-    in_range = ((encoding_indices >= 0) &
-                (encoding_indices < self.num_embeddings))
-    checks = [
-        tf.debugging.assert_non_negative(
-            encoding_indices, message="quantize: negative code index"),
-        tf.debugging.assert_less(
-            encoding_indices,
-            tf.cast(self.num_embeddings, encoding_indices.dtype),
-            message=f"quantize: code index >= num_embeddings="
-                    f"{self.num_embeddings}"),
-    ]
-    with tf.control_dependencies(checks):
-      vectors = self._lookup(
-          tf.where(in_range, encoding_indices, tf.zeros_like(encoding_indices)),
-          self._codebook(self.embeddings.dtype))
+    in_range = check_indices(encoding_indices, self.num_embeddings,
+                             "quantize")
+    # The lookup reads `in_range`, so it runs after the checks.
+    vectors = self._lookup(
+        tf.where(in_range, encoding_indices, tf.zeros_like(encoding_indices)),
+        self._codebook(self.embeddings.dtype))
     return tf.where(in_range[..., None], vectors,
                     tf.constant(float("nan"), vectors.dtype))
 
