@@ -16,3 +16,4 @@ from sonnet_vqvae.networks import VQVAEModel
 from sonnet_vqvae.networks import build_model
 from sonnet_vqvae.pixelcnn import GatedPixelCNN
 from sonnet_vqvae.fsq import FiniteScalarQuantizer
+from sonnet_vqvae.lfq import LookupFreeQuantizer

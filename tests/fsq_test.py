@@ -102,6 +102,7 @@ class FiniteScalarQuantizerTest(parameterized.TestCase):
                                0.5 * counts + 0.5 * 40 * (np.arange(9) == 4))
     self.assertEqual(q.trainable_variables, ())
 
+  @pytest.mark.nonfinite
   def test_nonfinite_inputs_are_left_out(self):
     q = fsq.FiniteScalarQuantizer((3, 3))
     z = np.random.RandomState(3).randn(6, 2).astype(np.float32)
