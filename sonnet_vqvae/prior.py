@@ -448,10 +448,8 @@ def _data_options(config: ml_collections.ConfigDict,
 
 
 def _latest_vqvae_step(vqvae_workdir: str) -> int:
-  run_dir = rundir.RunDir(vqvae_workdir, writer=False)
-  step = rundir.Checkpoints(
-      tf.train.Checkpoint(), run_dir.path(loop.CHECKPOINT_DIR),
-      max_to_keep=1).latest_step()
+  step = rundir.latest_step(
+      os.path.join(vqvae_workdir, loop.CHECKPOINT_DIR))
   if step is None:
     raise FileNotFoundError(
         f"No VQ-VAE checkpoint in {vqvae_workdir!r}: train one with "
@@ -519,13 +517,13 @@ def restore_prior(workdir: str, num_embeddings: Optional[NumEmbeddings] = None
   model = build_prior(config, print_["num_embeddings"])
   optimizer = optim.Adam(config.learning_rate)
   optimizer.build(model.trainable_variables)
-  checkpoints = rundir.Checkpoints(
-      tf.train.Checkpoint(model=model, optimizer=optimizer,
-                          step=tf.Variable(0, dtype=tf.int64,
-                                           trainable=False)),
-      os.path.join(workdir, loop.CHECKPOINT_DIR), max_to_keep=1)
-  if not checkpoints.restore():
-    raise FileNotFoundError(f"No checkpoint in {checkpoints.directory!r}.")
+  checkpoint = tf.train.Checkpoint(
+      model=model, optimizer=optimizer,
+      step=tf.Variable(0, dtype=tf.int64, trainable=False))
+  # Read only: sampling and export never write the prior's workdir.
+  directory = os.path.join(workdir, loop.CHECKPOINT_DIR)
+  if not rundir.restore_newest(checkpoint, directory):
+    raise FileNotFoundError(f"No checkpoint in {directory!r}.")
   return config, model
 
 

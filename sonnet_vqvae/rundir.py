@@ -10,9 +10,11 @@ them so that neither a killed process nor a second one can corrupt them:
   a torn line is skipped when read (`RunDir.read_rows`) and dropped, with the
   rows after the checkpoint, on resume (`RunDir.truncate_rows`).
 * One process at a time writes a workdir (`RunDir.lock`).
-* `Checkpoints` restores the newest complete checkpoint on disk whatever state
-  `tf.train.CheckpointManager`'s index file is in, and one that cannot be read
-  is an error that changes nothing, never a fresh start over it.
+* `Checkpoints` (the writer's, under the lock) restores the newest complete
+  checkpoint on disk whatever state `tf.train.CheckpointManager`'s index file
+  is in, and one that cannot be read is an error that changes nothing, never
+  a fresh start over it. Readers restore with `restore_newest`, which picks
+  the same checkpoint and writes nothing (no repair, no move, no lock).
 
 Paths may be local or any `tf.io.gfile` path (gs://...). Local only: the lock
 (fcntl.flock), the atomic replace (os.replace) and O_APPEND appends. Elsewhere
@@ -613,7 +615,9 @@ class Checkpoints:
   DIR/ckpt-N.data-*-of-* and the index file DIR/checkpoint. `restore` trusts
   the files, not the index: it restores the newest complete checkpoint, repairs
   a missing, garbled or stale index, and moves what killed saves left into
-  DIR/incomplete/. It deletes nothing.
+  DIR/incomplete/. It deletes nothing. It is the writer's: use it under the
+  workdir's lock (`RunDir.lock`). Readers (export, evaluation, sampling)
+  restore with `restore_newest` or `restore_step`, which write nothing.
   """
 
   def __init__(self, checkpoint: tf.train.Checkpoint, directory: str, *,
@@ -676,7 +680,7 @@ class Checkpoints:
     plan = _scan(self.directory)
     step = 0
     if plan.target is not None:
-      self._restore(plan.target)
+      _restore(self._checkpoint, self.directory, plan.target)
       step = plan.target
       logging.info("Restored %s.", self._prefix(step))
     if self._writable:
@@ -685,20 +689,8 @@ class Checkpoints:
     return step
 
   def restore_step(self, step: int) -> None:
-    """Restores exactly ckpt-<step>; moves and repairs nothing.
-
-    Raises:
-      RunDirError: when it is absent, incomplete, unreadable or does not match
-        `checkpoint`.
-    """
-    names = _listdir(self.directory)
-    problem = _files_problem(step, *_checkpoint_files(names))
-    if problem:
-      raise RunDirError(
-          f"Cannot restore checkpoint {self._prefix(step)}: {problem}. Pass "
-          f"the N of a complete ckpt-N in {self.directory}, or restore() the "
-          "newest.")
-    self._restore(step)
+    """Restores exactly ckpt-<step>; moves and repairs nothing (`restore_step`)."""
+    restore_step(self._checkpoint, self.directory, step)
 
   def latest_step(self) -> Optional[int]:
     """The number `restore` would restore, None if none; reads only.
@@ -706,7 +698,7 @@ class Checkpoints:
     Raises:
       RunDirError: as `restore`, for a damaged checkpoint the index lists.
     """
-    return _scan(self.directory).target
+    return latest_step(self.directory)
 
   def save(self, step: int) -> str:
     """Saves `checkpoint` as ckpt-<step> in the save directory.
@@ -724,6 +716,10 @@ class Checkpoints:
     """
     if isinstance(step, bool) or not (isinstance(step, int) and step >= 0):
       raise ValueError(f"step must be an int >= 0, got {step!r}.")
+    step_variable = getattr(self._checkpoint, "step", None)
+    if isinstance(step_variable, tf.Variable):
+      # The step in the checkpoint itself, not only in its file name.
+      step_variable.assign(step)
     if self._manager is None:
       if self._writable and not self._restored:
         _repair(self.directory, _scan(self.directory))
@@ -741,19 +737,80 @@ class Checkpoints:
             "resumes from the newest checkpoint), or move it away.")
     return self._manager.save(checkpoint_number=step)
 
-  def _restore(self, step: int) -> None:
-    prefix = self._prefix(step)
-    try:
-      self._checkpoint.restore(prefix).assert_existing_objects_matched()
-    # The reader raises IndexError for truncated files, OpError for damaged
-    # ones; a model mismatch is a ValueError or AssertionError.
-    except (tf.errors.OpError, ValueError, AssertionError, IndexError,
-            TypeError, KeyError) as e:
-      raise RunDirError(
-          f"Cannot restore checkpoint {prefix}: {type(e).__name__}: {e}\nIt "
-          "is corrupt or was written by a different model or config. Nothing "
-          f"was changed; move it away ({prefix}.*) or use another --workdir "
-          "to start afresh.") from e
+
+
+def latest_step(directory: str) -> Optional[int]:
+  """The N of the newest complete ckpt-N in `directory`, None if none.
+
+  Reads only: as `restore_newest`, it trusts the files, not the index.
+
+  Raises:
+    RunDirError: when the newest checkpoint the index lists is damaged.
+  """
+  return _scan(os.fspath(directory)).target
+
+
+def restore_newest(checkpoint: tf.train.Checkpoint, directory: str) -> int:
+  """Restores the newest complete checkpoint of `directory`, for a reader.
+
+  What export, evaluation, sampling and a prior use: it writes nothing, takes
+  no lock and works on a read-only workdir. The checkpoint is chosen from the
+  files alone, as `Checkpoints.restore` chooses it, so a missing, garbled or
+  stale index and what a killed or running save left (ckpt-N_temp/, a ckpt-N
+  without all its files) are skipped, never repaired nor moved: that is the
+  writer's job, under its lock, and a trainer saving at this moment keeps
+  its files.
+
+  Returns:
+    The checkpoint's number N (of ckpt-N); 0 when there is none.
+
+  Raises:
+    RunDirError: as `Checkpoints.restore`.
+  """
+  directory = os.fspath(directory)
+  step = latest_step(directory)
+  if step is None:
+    return 0
+  _restore(checkpoint, directory, step)
+  logging.info("Restored %s (read only).",
+               os.path.join(directory, f"{CHECKPOINT_NAME}-{step}"))
+  return step
+
+
+def restore_step(checkpoint: tf.train.Checkpoint, directory: str,
+                 step: int) -> None:
+  """Restores exactly ckpt-<step> of `directory`; writes nothing.
+
+  Raises:
+    RunDirError: when it is absent, incomplete, unreadable or does not match
+      `checkpoint`.
+  """
+  directory = os.fspath(directory)
+  names = _listdir(directory)
+  problem = _files_problem(step, *_checkpoint_files(names))
+  if problem:
+    raise RunDirError(
+        f"Cannot restore checkpoint "
+        f"{os.path.join(directory, f'{CHECKPOINT_NAME}-{step}')}: {problem}. "
+        f"Pass the N of a complete ckpt-N in {directory}, or restore the "
+        "newest.")
+  _restore(checkpoint, directory, step)
+
+
+def _restore(checkpoint: tf.train.Checkpoint, directory: str,
+             step: int) -> None:
+  prefix = os.path.join(directory, f"{CHECKPOINT_NAME}-{step}")
+  try:
+    checkpoint.restore(prefix).assert_existing_objects_matched()
+  # The reader raises IndexError for truncated files, OpError for damaged
+  # ones; a model mismatch is a ValueError or AssertionError.
+  except (tf.errors.OpError, ValueError, AssertionError, IndexError,
+          TypeError, KeyError) as e:
+    raise RunDirError(
+        f"Cannot restore checkpoint {prefix}: {type(e).__name__}: {e}\nIt "
+        "is corrupt or was written by a different model or config. Nothing "
+        f"was changed; move it away ({prefix}.*) or use another --workdir "
+        "to start afresh.") from e
 
 
 def _listdir(directory: str) -> List[str]:

@@ -21,11 +21,13 @@ The input pipeline's position is not checkpointed; a resumed run reshuffles
 with seed + step.
 """
 
+import contextlib
 import functools
 import math
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import (Any, Dict, Iterator, List, Optional, Sequence, Tuple,
+                    Union)
 
 from absl import app
 from absl import flags
@@ -248,6 +250,8 @@ def train(config: config_dict.ConfigDict,
           workdir: str) -> networks.VQVAEModel:
   """Trains to `config.num_steps`, resuming from `workdir`'s checkpoint.
 
+  The workdir is locked from the start to the end of training.
+
   Args:
     config: hyperparameters, see `configs/default.py`.
     workdir: directory for the run's files (created if missing); only the
@@ -263,6 +267,14 @@ def train(config: config_dict.ConfigDict,
     FloatingPointError: when the loss is not finite; the last good checkpoint
       is kept.
   """
+  with _training(config, workdir) as model:
+    return model
+
+
+@contextlib.contextmanager
+def _training(config: config_dict.ConfigDict,
+              workdir: str) -> Iterator[networks.VQVAEModel]:
+  """`train`, yielding the model while the workdir is still locked."""
   validate_config(config)
   strategy = make_strategy(config.strategy)
   distribute.check_batch_size(config.batch_size, strategy)
@@ -296,7 +308,7 @@ def train(config: config_dict.ConfigDict,
              metadata={"config": config.to_dict(), "data_variance": variance},
              fingerprint=print_, describe=_describe)
     loop.remove_scratch(checkpoints)
-  return model
+    yield model
 
 
 def _describe(row: Dict[str, float]) -> str:
@@ -335,6 +347,9 @@ def train_and_evaluate(config: config_dict.ConfigDict,
                        workdir: str) -> Dict[str, float]:
   """`train`, then (on the chief) `evaluate_and_plot` on the test split.
 
+  The workdir stays locked from the start of training to the end of the
+  evaluation: no other process trains or evaluates in it meanwhile.
+
   Returns:
     The test metrics written to `workdir/eval.json`; {} on other workers.
 
@@ -342,10 +357,10 @@ def train_and_evaluate(config: config_dict.ConfigDict,
     As `train`, and FloatingPointError for non-finite test metrics (written
     as null).
   """
-  model = train(config, workdir)
-  if not is_chief():
-    return {}
-  return evaluate_and_plot(config, model, workdir)
+  with _training(config, workdir) as model:
+    if not is_chief():
+      return {}
+    return evaluate_and_plot(config, model, workdir)
 
 
 def _evaluate(model: networks.VQVAEModel, dataset: tf.data.Dataset
@@ -478,26 +493,29 @@ def evaluate_and_plot(config: config_dict.ConfigDict,
   metrics, counts, (originals, recons) = _evaluate(
       model, input_pipeline.eval_dataset(test, config.eval_batch_size))
   logging.info("Test: %s", metrics)
-  run_dir = rundir.RunDir(workdir)
-  loop.write_eval(run_dir, metrics)
-  history = run_dir.read_rows(loop.METRICS_FILE)
-  if history:
-    plotting.plot_curves(history, run_dir.path("curves.png"))
-  plotting.plot_reconstructions(originals, recons[0],
-                                run_dir.path("reconstructions.png"))
-  if len(recons) > 1:
-    # Top 1 .. L - 1 levels, then all: the model's own reconstructions.
-    plotting.plot_level_reconstructions(
-        originals, recons[1:] + recons[:1],
-        run_dir.path("level_reconstructions.png"))
-  plotting.plot_codebook(model.quantizer.embeddings.numpy(), counts,
-                         run_dir.path("codebook.png"))
+  with rundir.RunDir(workdir) as run_dir:  # Its writer until the figures.
+    loop.write_eval(run_dir, metrics)
+    history = run_dir.read_rows(loop.METRICS_FILE)
+    if history:
+      plotting.plot_curves(history, run_dir.path("curves.png"))
+    plotting.plot_reconstructions(originals, recons[0],
+                                  run_dir.path("reconstructions.png"))
+    if len(recons) > 1:
+      # Top 1 .. L - 1 levels, then all: the model's own reconstructions.
+      plotting.plot_level_reconstructions(
+          originals, recons[1:] + recons[:1],
+          run_dir.path("level_reconstructions.png"))
+    plotting.plot_codebook(model.quantizer.embeddings.numpy(), counts,
+                           run_dir.path("codebook.png"))
   return metrics
 
 
 def restore_model(workdir: str, step: Optional[int] = None
                   ) -> Tuple[config_dict.ConfigDict, networks.VQVAEModel]:
-  """The config and the model of a checkpoint in `workdir`.
+  """The config and the model of a checkpoint in `workdir`; writes nothing.
+
+  Takes no lock and works on a read-only workdir, also while a trainer
+  saves into it (`rundir.restore_newest`).
 
   Args:
     workdir: a `train` run's workdir.
@@ -520,14 +538,13 @@ def restore_model(workdir: str, step: Optional[int] = None
       stored["fingerprint"]["image_shape"])
   checkpoint = tf.train.Checkpoint(
       model=model, optimizer=optimizer, step=tf.Variable(0, dtype=tf.int64))
-  checkpoints = rundir.Checkpoints(
-      checkpoint, run_dir.path(loop.CHECKPOINT_DIR),
-      max_to_keep=config.max_checkpoints_to_keep)
+  # Read only: a trainer may be saving into this workdir right now.
+  directory = run_dir.path(loop.CHECKPOINT_DIR)
   if step is None:
-    if not checkpoints.restore():
-      raise FileNotFoundError(f"No checkpoint in {checkpoints.directory!r}.")
+    if not rundir.restore_newest(checkpoint, directory):
+      raise FileNotFoundError(f"No checkpoint in {directory!r}.")
   else:
-    checkpoints.restore_step(step)
+    rundir.restore_step(checkpoint, directory, step)
   return config, model
 
 
@@ -536,8 +553,9 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   workdir = flags.FLAGS.workdir
   if flags.FLAGS.mode == "evaluate":
-    config, model = restore_model(workdir)
-    with rundir.RunDir(workdir):  # Locked while it writes.
+    # It writes eval.json and the figures: the workdir's writer throughout.
+    with rundir.RunDir(workdir):
+      config, model = restore_model(workdir)
       evaluate_and_plot(config, model, workdir)
   else:
     try:

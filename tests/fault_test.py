@@ -5,6 +5,7 @@ checks that it now ends in a correct recovery or a clear error, with no file
 lost or overwritten.
 """
 
+import fcntl
 import glob
 import json
 import os
@@ -14,17 +15,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 from absl.testing import absltest
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+# The op a save renames its temporary shards with: a test pauses it there.
+from tensorflow.python.ops import gen_io_ops
 
+from sonnet_vqvae import export
 from sonnet_vqvae import loop
 from sonnet_vqvae import prior
 from sonnet_vqvae import rundir
 from sonnet_vqvae import train
+import rundir_test
 import tiny
 
 # The real CLI on tfds mock data.
@@ -77,6 +83,94 @@ def _rows(workdir):
 def _latest_step(workdir):
   path = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
   return None if path is None else int(path.rsplit("-", 1)[1])
+
+
+def _held_by_another(workdir):
+  """Whether the workdir's lock is held: what a second `train` would find.
+
+  A new open file description conflicts with a flock held through another,
+  also in this process, so this is the check a second process makes.
+  """
+  fd = os.open(os.path.join(workdir, rundir.LOCK_FILE), os.O_RDWR)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    return True
+  finally:
+    os.close(fd)
+  return False
+
+
+class ReaderTest(absltest.TestCase):
+  """Readers (export, evaluation's restore, sampling's) never write."""
+
+  @pytest.mark.slow
+  def test_readers_work_on_a_read_only_workdir_and_change_nothing(self):
+    base = tempfile.mkdtemp()
+    vqvae_dir, prior_dir = (os.path.join(base, n) for n in ("vqvae", "prior"))
+    with tfds.testing.mock_data(num_examples=16):
+      train.train(tiny.vqvae_config(), vqvae_dir)
+      prior.train_prior(tiny.prior_config(num_steps=2, log_every=2,
+                                          checkpoint_every=2), vqvae_dir,
+                        prior_dir)
+    for workdir in (vqvae_dir, prior_dir):
+      # What a writer would repair: no index, a killed save's directory.
+      os.remove(os.path.join(workdir, "checkpoints", "checkpoint"))
+      os.makedirs(os.path.join(workdir, "checkpoints", "ckpt-9_temp"))
+    rundir_test.read_only(self, base)
+    before = rundir_test._state(base)
+    _, model = train.restore_model(vqvae_dir)
+    self.assertGreater(int(model.quantizer.embeddings.shape[0]), 0)
+    output = tempfile.mkdtemp()
+    export.export_saved_model(vqvae_dir, os.path.join(output, "vqvae"))
+    export.export_saved_model(prior_dir, os.path.join(output, "prior"))
+    prior.restore_prior(prior_dir)
+    self.assertEqual(rundir_test._state(base), before)
+
+  @pytest.mark.slow
+  def test_reader_during_the_trainers_save_leaves_it_alone(self):
+    """Export and restore between a save's temporary write and its rename."""
+    workdir, output = tempfile.mkdtemp(), tempfile.mkdtemp()
+    _train(tiny.vqvae_config(num_steps=2), workdir)
+    directory = os.path.join(workdir, "checkpoints")
+    merge = gen_io_ops.merge_v2_checkpoints
+    seen = []
+
+    def paused_merge(*args, **kwargs):
+      if not seen and os.path.isdir(os.path.join(directory, "ckpt-4_temp")):
+        seen.append(rundir_test._state(workdir))
+        seen.append(train.restore_model(workdir)[1].quantizer.embeddings.numpy())
+        export.export_saved_model(workdir, os.path.join(output, "export"))
+        seen.append(rundir_test._state(workdir))
+      return merge(*args, **kwargs)
+
+    with mock.patch.object(gen_io_ops, "merge_v2_checkpoints", paused_merge):
+      _train(tiny.vqvae_config(num_steps=4), workdir)
+    self.assertLen(seen, 3, "the reader did not run during the save")
+    self.assertEqual(seen[2], seen[0])  # It moved and wrote nothing.
+    self.assertEqual(_latest_step(workdir), 4)  # The save went through.
+    self.assertFalse(os.path.exists(os.path.join(directory, "incomplete")))
+    # It restored the newest complete checkpoint then: step 2's.
+    np.testing.assert_array_equal(seen[1], train.restore_model(
+        workdir, step=2)[1].quantizer.embeddings.numpy())
+
+
+class LockDuringEvaluationTest(absltest.TestCase):
+
+  @pytest.mark.slow
+  def test_the_trainer_holds_the_lock_through_its_evaluation(self):
+    workdir = tempfile.mkdtemp()
+    evaluate_and_plot = train.evaluate_and_plot
+    held = []
+
+    def probing(*args, **kwargs):
+      held.append(_held_by_another(workdir))
+      return evaluate_and_plot(*args, **kwargs)
+
+    with mock.patch.object(train, "evaluate_and_plot", probing):
+      _train(tiny.vqvae_config(), workdir)
+    self.assertEqual(held, [True])
+    self.assertFalse(_held_by_another(workdir))  # Released at the end.
 
 
 class IndexFileTest(absltest.TestCase):

@@ -1,7 +1,9 @@
 """Tests for sonnet_vqvae.rundir: atomic files, lock, checkpoint recovery."""
 
+import contextlib
 import fcntl
 import glob
+import hashlib
 import json
 import math
 import os
@@ -19,6 +21,8 @@ from absl.testing import parameterized
 import numpy as np
 import pytest
 import tensorflow as tf
+# The op a save renames its temporary shards with: a test pauses it there.
+from tensorflow.python.ops import gen_io_ops
 
 from sonnet_vqvae import rundir
 
@@ -79,6 +83,42 @@ def _contents(directory):
       with open(path, "rb") as f:
         contents[os.path.relpath(path, directory)] = f.read()
   return contents
+
+
+def _state(directory):
+  """{relative path: (mode bits, mtime_ns, sha256 or None)} of the whole tree.
+
+  Tests may run as root, where a read-only mode does not stop writes: this
+  listing before and after a reader shows that it changed nothing.
+  """
+  state = {}
+  for root, dirs, names in os.walk(directory):
+    for name in dirs + names:
+      path = os.path.join(root, name)
+      info = os.stat(path)
+      content = None
+      if name in names:
+        with open(path, "rb") as f:
+          content = hashlib.sha256(f.read()).hexdigest()
+      state[os.path.relpath(path, directory)] = (info.st_mode, info.st_mtime_ns,
+                                                 content)
+  return state
+
+
+def read_only(test, directory):
+  """chmod -R a-w `directory` until the test ends."""
+  modes = {}
+  for root, dirs, names in os.walk(directory):
+    for path in [root] + [os.path.join(root, n) for n in names]:
+      modes[path] = os.stat(path).st_mode
+      os.chmod(path, modes[path] & ~0o222)
+
+  def restore():
+    for path, mode in modes.items():
+      with contextlib.suppress(FileNotFoundError):  # Moved by a failed test.
+        os.chmod(path, mode)
+
+  test.addCleanup(restore)
 
 
 def _reject_constant(name):
@@ -728,6 +768,61 @@ class CheckpointsTest(parameterized.TestCase):
     self.assertEqual(_contents(self.dir), before)
     self.assertTrue(os.path.isdir(os.path.join(self.dir, "ckpt-3_temp")))
     self.assertTrue(os.path.exists(os.path.join(scratch, "ckpt-3.index")))
+
+  def test_reader_restores_the_newest_and_writes_nothing(self):
+    """Readers (export, evaluation, sampling) on a workdir that needs repair."""
+    self._save(1, 2)
+    os.remove(self._index_path())
+    os.makedirs(os.path.join(self.dir, "ckpt-3_temp"))
+    with open(os.path.join(self.dir, "ckpt-3.index"), "wb") as f:
+      f.write(b"half an index")
+    read_only(self, os.path.dirname(self.dir))
+    before = _state(os.path.dirname(self.dir))
+    checkpoint = _tiny_checkpoint()
+    self.assertEqual(rundir.restore_newest(checkpoint, self.dir), 2)
+    self.assertEqual(_values(checkpoint), ([2.0] * 3, 2))
+    self.assertEqual(rundir.latest_step(self.dir), 2)
+    rundir.restore_step(checkpoint, self.dir, 1)
+    self.assertEqual(_values(checkpoint), ([1.0] * 3, 1))
+    self.assertEqual(_state(os.path.dirname(self.dir)), before)
+    self.assertEqual(rundir.restore_newest(_tiny_checkpoint(),
+                                           self.dir + "_absent"), 0)
+
+  def test_reader_during_a_save_leaves_it_alone(self):
+    """A reader between a save's temporary write and its rename."""
+    self._save(1)
+    checkpoint = _tiny_checkpoint()
+    checkpoints = rundir.Checkpoints(checkpoint, self.dir, max_to_keep=10)
+    checkpoints.restore()
+    _assign(checkpoint, 2)
+    seen = []
+    merge = gen_io_ops.merge_v2_checkpoints
+
+    def paused_merge(*args, **kwargs):
+      # The shards are in ckpt-2_temp/; the merge renames them into ckpt-2.
+      before = _state(self.dir)
+      self.assertIn("ckpt-2_temp", before)
+      reader = _tiny_checkpoint()
+      seen.append(rundir.restore_newest(reader, self.dir))
+      seen.append(_values(reader))
+      self.assertEqual(_state(self.dir), before)
+      return merge(*args, **kwargs)
+
+    with mock.patch.object(gen_io_ops, "merge_v2_checkpoints", paused_merge):
+      checkpoints.save(2)
+    self.assertEqual(seen, [1, ([1.0] * 3, 1)])
+    self.assertEqual(self._restore()[:2], (2, ([2.0] * 3, 2)))
+    self.assertFalse(os.path.exists(os.path.join(self.dir,
+                                                 rundir.INCOMPLETE_DIR)))
+
+  def test_step_variable_holds_the_step(self):
+    checkpoint = _tiny_checkpoint()
+    checkpoint.step = tf.Variable(0, dtype=tf.int64)
+    checkpoints = rundir.Checkpoints(checkpoint, self.dir, max_to_keep=10)
+    checkpoints.restore()
+    checkpoints.save(7)
+    values = tf.train.load_checkpoint(os.path.join(self.dir, "ckpt-7"))
+    self.assertEqual(values.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE"), 7)
 
   def test_bad_arguments(self):
     with self.assertRaisesRegex(ValueError, "max_to_keep"):
