@@ -28,9 +28,17 @@ per level: "codes_0" (the top level) to "codes_{L-1}" (the bottom) replace
 workdir) draws them top-down.
 
 The quantizer's [B*h*w, K] outputs (`distances`, `encodings`) are in no
-signature. Inputs of another shape or dtype fail with TensorFlow's error
-naming the expected `TensorSpec`; codes out of [0, K), labels that are no
-class and a temperature that is not positive fail with an error saying so.
+signature. Every signature checks its inputs in the graph, so a SavedModel
+loaded without this package checks them too: images of another height, width
+or channel count, code grids of another shape, a batch of 0 (B >= 1), labels
+that are not a [B] vector of classes, codes out of [0, K) and a temperature
+that is not a finite scalar > 0 raise `InvalidArgumentError` naming the
+signature, the argument, what it must be and what it received, e.g. "encode:
+images must have shape [B, 32, 32, 3] with B >= 1, received [2 64 64 3]". A
+VQ-VAE-2's finer grids must have the top grid's batch. Another dtype fails
+with TensorFlow's error naming the expected one. The loaded object's own
+functions (`loaded.encode(...)`, not `loaded.signatures["encode"]`) also
+refuse other static shapes by their `TensorSpec`.
 
 The loaded object also holds `image_shape`, `code_shape` and
 `num_embeddings` (int32 variables; a VQ-VAE-2's: [L, 2] and [L], top first).
@@ -88,27 +96,42 @@ class Exported(tf.Module):
                                       trainable=False)
     self._image_shape, self._code_shapes = image_shape, code_shapes
     self._sizes = sizes
-    images = tf.TensorSpec([None, *image_shape], tf.uint8, name="images")
-    floats = tf.TensorSpec([None, *image_shape], tf.float32, name="images")
+    for name, (function, specs) in self._functions().items():
+      setattr(self, name, tf.function(function, input_signature=specs))
+
+  def _functions(self):
+    """name -> (Python function, its input TensorSpecs) of every signature."""
+    images = tf.TensorSpec([None, *self._image_shape], tf.uint8,
+                           name="images")
+    floats = tf.TensorSpec([None, *self._image_shape], tf.float32,
+                           name="images")
     codes = [tf.TensorSpec([None, *shape], tf.int32, name=name)
-             for shape, name in zip(code_shapes, self._code_names())]
-    self.encode = tf.function(self._encode_uint8, input_signature=[images])
-    self.encode_float = tf.function(self._encode, input_signature=[floats])
-    self.decode = tf.function(self._decode, input_signature=codes)
-    self.reconstruct = tf.function(self._reconstruct,
-                                   input_signature=[images])
-    if prior is not None:
-      self.sample = tf.function(self._sample, input_signature=[
+             for shape, name in zip(self._code_shapes, self._code_names())]
+    functions = {"encode": (self._encode_uint8, [images]),
+                 "encode_float": (self._encode_float, [floats]),
+                 "decode": (self._decode, codes),
+                 "reconstruct": (self._reconstruct, [images])}
+    if self.prior is not None:
+      functions["sample"] = (self._sample, [
           tf.TensorSpec([None], tf.int32, name="labels"),
           tf.TensorSpec([], tf.float32, name="temperature"),
           tf.TensorSpec([], tf.int64, name="seed")])
+    return functions
+
+  def signature_names(self):
+    return sorted(self._functions())
 
   def signatures(self):
-    """The serving signatures: name -> concrete function."""
-    names = ["encode", "encode_float", "decode", "reconstruct"]
-    if self.prior is not None:
-      names.append("sample")
-    return {n: getattr(self, n).get_concrete_function() for n in names}
+    """The serving signatures: name -> concrete function.
+
+    Traced for inputs of any shape: a loaded SavedModel's signature does not
+    check its inputs against its TensorSpecs, and the graph optimizer folds
+    a check of what a static shape already says into True. The functions'
+    own asserts check every shape and value, then fix the static shape.
+    """
+    return {name: tf.function(function).get_concrete_function(
+        *[tf.TensorSpec(None, spec.dtype, spec.name) for spec in specs])
+            for name, (function, specs) in self._functions().items()}
 
   def _code_names(self):
     """"codes", or a VQ-VAE-2's "codes_0" (top) ... "codes_{L-1}"."""
@@ -121,45 +144,76 @@ class Exported(tf.Module):
     return {name: tf.cast(c, tf.int32)
             for name, c in zip(self._code_names(), codes)}
 
-  def _encode(self, images):
+  def _codes(self, images):
     codes = self.vqvae.encode(images)
     return self._named(codes if self._levels > 1 else [codes])
 
-  def _encode_uint8(self, images):
-    return self._encode(input_pipeline.scale_images(images))
+  def _encode_float(self, images):
+    return self._codes(self._checked_images(images, "encode_float"))
 
-  def _decode(self, *codes):
-    checks = []
-    for name, c, k in zip(self._code_names(), codes, self._sizes):
-      message = f"decode: {name} must be in [0, {k})"
+  def _encode_uint8(self, images, signature="encode"):
+    images = self._checked_images(images, signature)
+    return self._codes(input_pipeline.scale_images(images))
+
+  def _checked_images(self, images, signature):
+    images = _checked(images, [_has_shape(images, self._image_shape,
+                                          signature, "images")])
+    return tf.ensure_shape(images, [None, *self._image_shape])
+
+  def _decode(self, *codes, signature="decode"):
+    checks, checked, batch = [], [], None
+    for level, (name, c, shape, k) in enumerate(zip(
+        self._code_names(), codes, self._code_shapes, self._sizes)):
+      # A finer level's grid must be of the same images as the top one's.
+      # The range checks assume the shape: they run after its check.
+      c = tf.ensure_shape(_checked(c, [_has_shape(
+          c, shape, signature, name, batch=batch,
+          batch_of=self._code_names()[0])]), [None, *shape])
+      checked.append(c)
+      if level == 0:
+        batch = tf.shape(c)[0]
+      message = f"{signature}: {name} must be in [0, {k})"
       checks += [tf.debugging.assert_non_negative(c, message=message),
                  tf.debugging.assert_less(c, k, message=message)]
-    with tf.control_dependencies(checks):
-      codes = [tf.identity(c) for c in codes]
+    codes = [_checked(c, checks) for c in checked]
     images = self.vqvae.decode(codes if self._levels > 1 else codes[0])
     return {"images": images, "images_uint8": _to_uint8(images)}
 
-  def _decode_named(self, named):
-    return self._decode(*[named[name] for name in self._code_names()])
+  def _decode_named(self, named, signature):
+    return self._decode(*[named[name] for name in self._code_names()],
+                        signature=signature)
 
   def _reconstruct(self, images):
-    codes = self._encode_uint8(images)
-    return dict(self._decode_named(codes), **codes)
+    codes = self._encode_uint8(images, "reconstruct")
+    return dict(self._decode_named(codes, "reconstruct"), **codes)
 
   def _sample(self, labels, temperature, seed):
     prior = self.prior
-    checks = [tf.debugging.assert_positive(
-        temperature, message="sample: temperature must be > 0")]
+    labels = tf.ensure_shape(_checked(labels, [_has_shape(
+        labels, [], "sample", "labels")]), [None])
+    scalar = lambda x: tf.equal(tf.size(tf.shape(x)), 0)
+    # reshape: the condition stays a scalar whatever shape a caller passes.
+    positive = tf.reshape(
+        tf.logical_and(tf.math.is_finite(temperature), temperature > 0), [-1])
+    checks = [
+        tf.debugging.Assert(
+            tf.logical_and(scalar(temperature), tf.reduce_all(positive)),
+            [tf.strings.format(
+                "sample: temperature must be a finite scalar > 0, received "
+                "{}", temperature)]),
+        tf.debugging.Assert(scalar(seed), [tf.strings.format(
+            "sample: seed must be an int64 scalar, received shape {}",
+            tf.shape(seed))])]
     if prior.num_classes:
+      message = f"sample: labels must be in [0, {prior.num_classes})"
       checks += [
-          tf.debugging.assert_non_negative(
-              labels, message=f"sample: labels must be in "
-              f"[0, {prior.num_classes})"),
-          tf.debugging.assert_less(
-              labels, prior.num_classes, message=f"sample: labels must be "
-              f"in [0, {prior.num_classes})")]
-    with tf.control_dependencies(checks):  # Before any use of them.
-      labels, temperature = tf.identity(labels), tf.identity(temperature)
+          tf.debugging.assert_non_negative(labels, message=message),
+          tf.debugging.assert_less(labels, prior.num_classes,
+                                   message=message)]
+    # Before any use of them.
+    labels = _checked(labels, checks)
+    temperature, seed = [tf.ensure_shape(_checked(x, checks), [])
+                         for x in (temperature, seed)]
     args = (labels if prior.num_classes else None, temperature,
             tf.stack([seed, 0]))
     if isinstance(prior, hierarchical_prior.HierarchicalPrior):
@@ -168,7 +222,44 @@ class Exported(tf.Module):
       codes = [prior.sample_graph(tf.shape(labels)[0], *self._code_shapes[0],
                                   *args)]
     codes = self._named(codes)
-    return dict(self._decode_named(codes), **codes)
+    return dict(self._decode_named(codes, "sample"), **codes)
+
+
+def _has_shape(tensor: tf.Tensor, shape: Sequence[int], signature: str,
+               argument: str, batch: Optional[tf.Tensor] = None,
+               batch_of: str = "") -> tf.Operation:
+  """An assert that `tensor` is [B, *shape] with B >= 1 (or B == `batch`).
+
+  In the graph, not only in the input signature: a loaded SavedModel's
+  signatures do not check their inputs' static shapes, so a 64x64 image
+  would otherwise encode to a bigger grid and a 1-channel one fail deep in a
+  convolution.
+  """
+  expected = f"[B, {', '.join(str(n) for n in shape)}]".replace(", ]", "]")
+  if batch is None:
+    expected += " with B >= 1"
+  else:
+    expected += f" with B the batch of {batch_of}"
+  actual = tf.shape(tensor)
+  rank = len(shape) + 1
+
+  def matches():
+    ok = tf.reduce_all(tf.equal(actual[1:], tf.constant(shape, tf.int32)))
+    if batch is None:
+      return tf.logical_and(ok, actual[0] >= 1)
+    return tf.logical_and(ok, tf.equal(actual[0], batch))
+
+  ok = tf.cond(tf.equal(tf.size(actual), rank), matches,
+               lambda: tf.constant(False))
+  return tf.debugging.Assert(ok, [tf.strings.format(
+      f"{signature}: {argument} must have shape {expected}, received {{}}",
+      actual)])
+
+
+def _checked(tensor: tf.Tensor, checks: Sequence[tf.Operation]) -> tf.Tensor:
+  """`tensor`, computed only after `checks` passed."""
+  with tf.control_dependencies(checks):
+    return tf.identity(tensor)
 
 
 def _check_output(output: str) -> None:
@@ -225,7 +316,7 @@ def export_saved_model(workdir: str, output: str,
   module = Exported(vqvae, image_shape, prior)
   write(module, output)
   logging.info("Exported %s to %s (signatures %s).", workdir, output,
-               sorted(module.signatures()))
+               module.signature_names())
   return output
 
 

@@ -1,5 +1,6 @@
 """SavedModel export: loads without our code or Sonnet, in Keras 3, errors."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -68,6 +69,86 @@ _LOAD_WITHOUT_OUR_CODE = textwrap.dedent("""
     out["code_shape"] = model.code_shape
     np.savez(outputs, **{k: np.asarray(v) for k, v in out.items()})
 """)
+
+# Also without our code: calls each signature with one bad input and saves
+# {case: the error's type and its lines that say what failed}.
+_BAD_INPUTS_WITHOUT_OUR_CODE = textwrap.dedent("""
+    import json, sys
+    sys.meta_path.insert(0, type("_Blocked", (), {"find_spec": lambda self,
+        name, path=None, target=None: (_ for _ in ()).throw(ImportError(name))
+        if name.split(".")[0] in ("sonnet", "sonnet_vqvae") else None})())
+    import numpy as np
+    import tensorflow as tf
+
+    sig = tf.saved_model.load(sys.argv[1]).signatures
+    uint8 = lambda *shape: tf.zeros(shape, tf.uint8)
+    codes = lambda *shape, value=0: tf.fill(shape, value)
+    draw = lambda labels=(1, 2), temperature=1.0, seed=0: sig["sample"](
+        labels=tf.constant(labels, tf.int32, shape=np.shape(labels)),
+        temperature=tf.constant(temperature, tf.float32),
+        seed=tf.constant(seed, tf.int64))
+    cases = {
+        "encode 64x64": lambda: sig["encode"](images=uint8(2, 64, 64, 3)),
+        "encode 1 channel": lambda: sig["encode"](images=uint8(2, 32, 32, 1)),
+        "encode batch 0": lambda: sig["encode"](images=uint8(0, 32, 32, 3)),
+        "encode no batch": lambda: sig["encode"](images=uint8(32, 32, 3)),
+        "encode_float 28x28": lambda: sig["encode_float"](
+            images=tf.zeros([2, 28, 28, 3])),
+        "reconstruct 64x64": lambda: sig["reconstruct"](
+            images=uint8(1, 64, 64, 3)),
+        "decode 4x4": lambda: sig["decode"](codes=codes(2, 4, 4)),
+        "decode batch 0": lambda: sig["decode"](codes=codes(0, 8, 8)),
+        "decode code 16": lambda: sig["decode"](codes=codes(1, 8, 8,
+                                                            value=16)),
+        "sample no labels": lambda: draw(labels=np.zeros([0], np.int32)),
+        "sample labels [2, 1]": lambda: draw(labels=[[1], [2]]),
+        "sample label 10": lambda: draw(labels=[10]),
+        "sample temperature inf": lambda: draw(temperature=np.inf),
+        "sample temperature nan": lambda: draw(temperature=np.nan),
+        "sample temperature 0": lambda: draw(temperature=0.),
+        "sample temperature [2]": lambda: draw(temperature=[1., 1.]),
+    }
+    errors = {}
+    for case, call in cases.items():
+      try:
+        call()
+        errors[case] = "no error"
+      except Exception as e:  # pylint: disable=broad-except
+        errors[case] = type(e).__name__ + ": " + " ".join(
+            line for line in str(e).splitlines()
+            if "must" in line or "expected" in line)
+    with open(sys.argv[2], "w") as f:
+      json.dump(errors, f)
+""")
+
+# What each bad input's error must say: the argument, what it must be, what
+# was received.
+_SHAPE = "must have shape [B, 32, 32, 3] with B >= 1, received"
+_BAD_INPUT_ERRORS = {
+    "encode 64x64": f"encode: images {_SHAPE} [2 64 64 3]",
+    "encode 1 channel": f"encode: images {_SHAPE} [2 32 32 1]",
+    "encode batch 0": f"encode: images {_SHAPE} [0 32 32 3]",
+    "encode no batch": f"encode: images {_SHAPE} [32 32 3]",
+    "encode_float 28x28": f"encode_float: images {_SHAPE} [2 28 28 3]",
+    "reconstruct 64x64": f"reconstruct: images {_SHAPE} [1 64 64 3]",
+    "decode 4x4": "decode: codes must have shape [B, 8, 8] with B >= 1, "
+                  "received [2 4 4]",
+    "decode batch 0": "decode: codes must have shape [B, 8, 8] with B >= 1, "
+                      "received [0 8 8]",
+    "decode code 16": "decode: codes must be in [0, 16)",
+    "sample no labels": "sample: labels must have shape [B] with B >= 1, "
+                        "received [0]",
+    "sample labels [2, 1]": "sample: labels must have shape [B] with B >= 1, "
+                            "received [2 1]",
+    "sample label 10": "sample: labels must be in [0, 10)",
+    "sample temperature inf": "sample: temperature must be a finite scalar "
+                              "> 0, received inf",
+    "sample temperature nan": "sample: temperature must be a finite scalar "
+                              "> 0, received nan",
+    "sample temperature 0": "sample: temperature must be a finite scalar "
+                            "> 0, received 0",
+    "sample temperature [2]": "temperature",
+}
 
 
 def _train_runs(base):
@@ -170,10 +251,22 @@ class ExportTest(absltest.TestCase):
                                   temperature=tf.constant(1.),
                                   seed=tf.constant(0, tf.int64))
     with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
-                                "temperature must be > 0"):
+                                "temperature must be a finite scalar > 0"):
       loaded.signatures["sample"](labels=tf.constant([1]),
                                   temperature=tf.constant(0.),
                                   seed=tf.constant(0, tf.int64))
+
+  def test_signatures_loaded_without_our_code_check_every_input(self):
+    errors_file = os.path.join(self.base, "errors.json")
+    subprocess.run([sys.executable, "-c", _BAD_INPUTS_WITHOUT_OUR_CODE,
+                    self.path, errors_file], check=True, cwd=self.base,
+                   env=dict(os.environ, PYTHONPATH=""))
+    with open(errors_file) as f:
+      errors = json.load(f)
+    self.assertEqual(set(errors), set(_BAD_INPUT_ERRORS))
+    for case, expected in _BAD_INPUT_ERRORS.items():
+      self.assertStartsWith(errors[case], "InvalidArgumentError: ", case)
+      self.assertIn(expected, errors[case], case)
 
   def test_vqvae_workdir_exports_without_sample(self):
     path = export.export_saved_model(self.vqvae_dir,

@@ -268,6 +268,17 @@ class EndToEndTest(absltest.TestCase):
     with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "codes_1"):
       signatures["decode"](codes_0=encoded["codes_0"],
                            codes_1=encoded["codes_1"] + 16)
+    # Each level's grid shape, and one batch for all levels.
+    with self.assertRaisesRegex(
+        tf.errors.InvalidArgumentError, r"decode: codes_0 must have shape "
+        r"\[B, 4, 4\] with B >= 1, received \[3 8 8\]"):
+      signatures["decode"](codes_0=encoded["codes_1"],
+                           codes_1=encoded["codes_1"])
+    with self.assertRaisesRegex(
+        tf.errors.InvalidArgumentError, r"decode: codes_1 must have shape "
+        r"\[B, 8, 8\] with B the batch of codes_0, received \[2 8 8\]"):
+      signatures["decode"](codes_0=encoded["codes_0"],
+                           codes_1=encoded["codes_1"][:2])
 
 
 if __name__ == "__main__":
