@@ -124,6 +124,11 @@ def is_tpu(strategy: tf.distribute.Strategy) -> bool:
                                tf.distribute.experimental.TPUStrategy))
 
 
+def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+  """Whether `strategy` runs over several processes (workers)."""
+  return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
 def all_gpus(strategy: tf.distribute.Strategy) -> bool:
   """Whether every local replica of `strategy` is a GPU."""
   devices = getattr(strategy.extended, "worker_devices", ())

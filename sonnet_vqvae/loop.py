@@ -22,11 +22,18 @@ functions, which own everything a run does to its workdir:
   last good checkpoint;
 * `write_eval` writes eval.json as valid JSON and fails on non-finite
   metrics.
+
+SIGTERM (preemptible VMs, schedulers, Colab) and SIGINT (Ctrl-C) stop `run`
+gracefully: the current loop call finishes, a checkpoint is written and
+`Stopped` is raised, naming the step; a second signal exits at once.
 """
 
+import contextlib
+import signal
 import sys
+import threading
 import time
-from typing import (Any, Callable, Dict, Iterator, Mapping, Optional,
+from typing import (Any, Callable, Dict, Iterator, List, Mapping, Optional,
                     Sequence)
 
 from absl import logging
@@ -44,6 +51,9 @@ RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 CHECKPOINT_DIR = "checkpoints"
+
+# What stops `run` gracefully.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 _SCALAR_METADATA = summary_pb2.SummaryMetadata(
     plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
@@ -348,6 +358,64 @@ def check_loop_config(config: Any) -> None:
                      f"{per_loop!r}.")
 
 
+class Stopped(Exception):
+  """`run` stopped at a signal, after writing a checkpoint of its step.
+
+  Attributes:
+    signum: the signal's number (exit status 128 + signum is the shell's
+      convention for a process ended by it).
+    step: the step of the checkpoint written.
+  """
+
+  def __init__(self, message: str, signum: int, step: int):
+    super().__init__(message)
+    self.signum = signum
+    self.step = step
+
+
+@contextlib.contextmanager
+def exit_when_stopped(program: str) -> Iterator[None]:
+  """Turns `Stopped` into one line on stderr and exit status 128 + signal."""
+  try:
+    yield
+  except Stopped as e:
+    print(f"{program}: {e}", file=sys.stderr, flush=True)
+    sys.exit(128 + e.signum)
+
+
+@contextlib.contextmanager
+def _stop_requests(enabled: bool) -> Iterator[List[int]]:
+  """Yields a list that receives the number of a SIGTERM or SIGINT.
+
+  The first signal only asks to stop; its handler puts the default actions
+  back, so that a second one ends the process at once. Python runs handlers
+  between bytecodes: a signal received during a loop call is seen when the
+  call returns. The previous handlers are put back on exit. Handlers can
+  only be set in the main thread; elsewhere (and when not `enabled`) the
+  list stays empty.
+  """
+  received: List[int] = []
+  if not enabled or threading.current_thread() is not threading.main_thread():
+    yield received
+    return
+
+  def handler(signum, unused_frame):
+    received.append(signum)
+    for s in STOP_SIGNALS:
+      signal.signal(s, signal.SIG_DFL)
+    logging.warning(
+        "Received %s: stopping after the current loop call with a "
+        "checkpoint. Send it again to exit at once.",
+        signal.Signals(signum).name)
+
+  previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+  try:
+    yield received
+  finally:
+    for s, action in previous.items():
+      signal.signal(s, action)
+
+
 def _next_multiple(step: int, every: int) -> int:
   return (step // every + 1) * every
 
@@ -364,7 +432,8 @@ def run(train_loop: TrainLoop, *,
         describe: Callable[[Mapping[str, float]], str],
         steps_per_loop: Optional[int] = None,
         summary_prefix: str = "train",
-        after_checkpoint: Optional[Callable[[int], None]] = None
+        after_checkpoint: Optional[Callable[[int], None]] = None,
+        stop_on_signals: bool = True
         ) -> Dict[str, float]:
   """Runs `train_loop` from `start_step` to `num_steps`.
 
@@ -391,6 +460,9 @@ def run(train_loop: TrainLoop, *,
     summary_prefix: TensorBoard tag prefix.
     after_checkpoint: called with the step after each checkpoint but the
       last (e.g. a validation pass).
+    stop_on_signals: stop gracefully at SIGTERM or SIGINT (see `Stopped`).
+      Multi-worker runs pass False: their workers would stop at different
+      steps and their collective save would hang.
 
   Returns:
     The last metrics row ({} when there was nothing to train).
@@ -398,7 +470,22 @@ def run(train_loop: TrainLoop, *,
   Raises:
     FloatingPointError: the loss was not finite; training stopped after that
       step, whose update was skipped, and the last good checkpoint is kept.
+    Stopped: at SIGTERM or SIGINT, after the current loop call and a
+      checkpoint of its step.
   """
+  with _stop_requests(stop_on_signals) as stop:
+    return _run(train_loop, run_dir=run_dir, checkpoints=checkpoints,
+                start_step=start_step, num_steps=num_steps,
+                log_every=log_every, checkpoint_every=checkpoint_every,
+                metadata=metadata, fingerprint=fingerprint, describe=describe,
+                steps_per_loop=steps_per_loop, summary_prefix=summary_prefix,
+                after_checkpoint=after_checkpoint, stop_requests=stop)
+
+
+def _run(train_loop, *, run_dir, checkpoints, start_step, num_steps,
+         log_every, checkpoint_every, metadata, fingerprint, describe,
+         steps_per_loop, summary_prefix, after_checkpoint, stop_requests):
+  """`run`'s loop; `stop_requests` gets the signal that asks it to stop."""
   writer = (tf.summary.create_file_writer(run_dir.workdir) if run_dir.writer
             else tf.summary.create_noop_writer())
   progress = tqdm.tqdm(total=num_steps, initial=start_step,
@@ -440,12 +527,21 @@ def run(train_loop: TrainLoop, *,
                    (num_steps - step) / steps_per_sec)
       sums, count = {}, 0
       window_start, window_first = time.time(), step
-    if step % checkpoint_every == 0 or step == num_steps:
+    if (step % checkpoint_every == 0 or step == num_steps or
+        stop_requests):
       if not metadata_written:
         run_dir.write_metadata(RUN_FILE, dict(fingerprint), **metadata)
         metadata_written = True
       checkpoints.save(step)
       last_good = step
+      if stop_requests:
+        progress.close()
+        writer.flush()
+        raise Stopped(
+            f"Stopped by {signal.Signals(stop_requests[0]).name} at step "
+            f"{step} of "
+            f"{num_steps}, saved in {checkpoints.directory}; run the same "
+            "command to resume from there.", stop_requests[0], step)
       if after_checkpoint is not None and step < num_steps:
         after_checkpoint(step)
   progress.close()

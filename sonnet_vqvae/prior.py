@@ -397,7 +397,8 @@ def train_on_codes(config: ml_collections.ConfigDict,
              metadata={"config": config.to_dict(), **(metadata or {})},
              fingerprint=print_,
              describe=lambda row: f"train NLL {row['loss']:.4f} nats/code",
-             summary_prefix="prior", after_checkpoint=validate)
+             summary_prefix="prior", after_checkpoint=validate,
+             stop_on_signals=not distribute.is_multi_worker(strategy))
     loop.remove_scratch(checkpoints)
     if not run_dir.writer:
       return {}
@@ -655,7 +656,8 @@ def main(argv):
   except ValueError as e:  # A bad --config value: one line, no traceback.
     sys.exit(f"prior: {e}")
   run = train_prior if FLAGS.mode == "train" else sample
-  run(FLAGS.config, FLAGS.vqvae_workdir, FLAGS.workdir)
+  with loop.exit_when_stopped("prior"):
+    run(FLAGS.config, FLAGS.vqvae_workdir, FLAGS.workdir)
 
 
 def _define_flags():

@@ -306,7 +306,8 @@ def _training(config: config_dict.ConfigDict,
              checkpoint_every=config.checkpoint_every,
              steps_per_loop=config.steps_per_loop,
              metadata={"config": config.to_dict(), "data_variance": variance},
-             fingerprint=print_, describe=_describe)
+             fingerprint=print_, describe=_describe,
+             stop_on_signals=not distribute.is_multi_worker(strategy))
     loop.remove_scratch(checkpoints)
     yield model
 
@@ -562,7 +563,8 @@ def main(argv: Sequence[str]) -> None:
       validate_config(flags.FLAGS.config)
     except ValueError as e:  # A bad --config value: one line, no traceback.
       sys.exit(f"train: {e}")
-    train_and_evaluate(flags.FLAGS.config, workdir)
+    with loop.exit_when_stopped("train"):
+      train_and_evaluate(flags.FLAGS.config, workdir)
 
 
 if __name__ == "__main__":

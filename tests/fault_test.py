@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -365,6 +366,41 @@ class ProcessFaultTest(absltest.TestCase):
     finally:
       first.kill()
       first.wait()
+
+  def test_sigterm_saves_its_step_and_the_run_resumes_there(self):
+    """SIGTERM loses no step: the current loop call ends in a checkpoint."""
+    process = subprocess.Popen(
+        self._command(num_steps=100_000, checkpoint_every=100_000,
+                      log_every=2, jit_compile=False),
+        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True)
+    try:
+      deadline = time.time() + 180
+      while len(_rows(self.workdir)) < 2 and time.time() < deadline:
+        self.assertIsNone(process.poll(), "the run ended early")
+        time.sleep(0.1)
+      logged = _rows(self.workdir)[-1]["step"]
+      process.send_signal(signal.SIGTERM)
+      _, stderr = process.communicate(timeout=120)
+    finally:
+      process.kill()
+      process.wait()
+    self.assertEqual(process.returncode, 128 + signal.SIGTERM, stderr[-3000:])
+    last = stderr.strip().splitlines()[-1]
+    stopped = re.fullmatch(
+        r"train: Stopped by SIGTERM at step (\d+) of 100000, saved in "
+        r"\S+; run the same command to resume from there\.", last)
+    self.assertIsNotNone(stopped, last)
+    step = int(stopped[1])
+    self.assertGreaterEqual(step, logged)  # Every step it logged is saved.
+    self.assertEqual(_latest_step(self.workdir), step)
+    resumed = subprocess.run(
+        self._command(num_steps=step + 2, jit_compile=False), env=_env(),
+        capture_output=True, text=True, timeout=300)
+    self.assertEqual(resumed.returncode, 0, resumed.stderr[-3000:])
+    self.assertIn(f"Training from step {step} to {step + 2}", resumed.stderr)
+    steps = [r["step"] for r in _rows(self.workdir)]
+    self.assertEqual(steps, list(range(2, step + 3, 2)))
 
   def test_kills_at_random_moments_lose_nothing(self):
     """kill -9 during training, checkpointing, logging and evaluation."""

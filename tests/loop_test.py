@@ -1,6 +1,7 @@
 """The compiled train loop: many steps per call, XLA, the guard, the choice."""
 
 import os
+import signal
 import tempfile
 import time
 
@@ -266,6 +267,61 @@ class RunTest(absltest.TestCase):
     _, model = train.restore_model(workdir)
     for variable in model.variables:
       self.assertTrue(np.all(np.isfinite(variable.numpy())), variable.name)
+
+
+class GracefulStopTest(parameterized.TestCase):
+  """SIGTERM and SIGINT: finish the call, save, stop; a second one kills."""
+
+  @parameterized.parameters(signal.SIGTERM, signal.SIGINT)
+  def test_signal_finishes_the_call_saves_its_step_and_stops(self, signum):
+    workdir = tempfile.mkdtemp()
+    # Stands for the model: counts the steps the loop ran.
+    counter = tf.Variable(0, dtype=tf.int64)
+    checkpoint = tf.train.Checkpoint(counter=counter,
+                                     step=tf.Variable(0, dtype=tf.int64))
+    before = {s: signal.getsignal(s) for s in loop.STOP_SIGNALS}
+    seen = []
+
+    def train_loop(num_steps):
+      if counter.numpy() == 3:  # During the call that runs step 4.
+        os.kill(os.getpid(), signum)
+      counter.assign_add(num_steps)
+      return {"steps": num_steps, "finite": True, "sums": {"loss": 1.0},
+              "last": {"loss": 1.0}}
+
+    def describe(row):
+      # After each call: what a further signal would do.
+      seen.append({s: signal.getsignal(s) for s in loop.STOP_SIGNALS})
+      return ""
+
+    with rundir.RunDir(workdir) as run_dir:
+      checkpoints = loop.checkpoints_of(
+          run_dir, checkpoint, tf.distribute.get_strategy(), max_to_keep=5)
+      loop.restore(run_dir, checkpoints, None)
+      with self.assertRaisesRegex(
+          loop.Stopped,
+          f"{signal.Signals(signum).name} at step 4 of 100, saved in "
+          f"{workdir}.*to resume") as stopped:
+        loop.run(train_loop, run_dir=run_dir, checkpoints=checkpoints,
+                 start_step=0, num_steps=100, log_every=1,
+                 checkpoint_every=50, metadata={}, fingerprint={"a": 1},
+                 describe=describe)
+    self.assertEqual((stopped.exception.signum, stopped.exception.step),
+                     (signum, 4))
+    values = tf.train.load_checkpoint(
+        os.path.join(workdir, "checkpoints", "ckpt-4"))
+    self.assertEqual(values.get_tensor("counter/.ATTRIBUTES/VARIABLE_VALUE"),
+                     4)
+    self.assertEqual(values.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE"), 4)
+    self.assertTrue(os.path.exists(os.path.join(workdir, loop.RUN_FILE)))
+    self.assertLen(seen, 4)
+    for handlers in seen[:3]:  # Before the signal: the graceful handler.
+      self.assertTrue(all(callable(h) for h in handlers.values()))
+    # After it, a second SIGTERM or SIGINT takes the default action: exit.
+    self.assertEqual(seen[3], dict.fromkeys(loop.STOP_SIGNALS,
+                                            signal.SIG_DFL))
+    self.assertEqual({s: signal.getsignal(s) for s in loop.STOP_SIGNALS},
+                     before)  # Put back.
 
 
 class ConfigTest(parameterized.TestCase):
