@@ -2,8 +2,8 @@
 
 `load_split` checks, before any work, that a dataset's images are what the
 reference model takes (`check_images`), and downloads only after a quick check
-that the download hosts answer (`check_reachable`); a failed download leaves
-the data directory as it was.
+that the download hosts answer (`check_reachable`); a download happens in a
+private staging folder, so a failed one removes only what it wrote.
 """
 
 import contextlib
@@ -11,9 +11,10 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Dict, Iterator, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 import urllib.parse
 import urllib.request
+import uuid
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -44,8 +45,10 @@ def load_split(split: str,
 
   Checks the dataset's metadata first (`image_spec`, `check_images`); when it
   must download, checks that the download hosts answer (`check_reachable`),
-  and after a failed download or preparation removes what it added to the
-  data directory.
+  then downloads and prepares in a private staging folder of the data
+  directory and moves the prepared dataset into place: a failed download
+  removes only that folder (and folders it created, if left empty), never
+  files that other processes write into the data directory meanwhile.
 
   Args:
     split: tfds split, e.g. "train", "test" or "train[:10%]".
@@ -81,6 +84,8 @@ def load_split(split: str,
           f"{dataset}/<version>/ prepared by tfds, or set download=True on a "
           "machine with network access.")
     _download_and_prepare(builder, dataset)
+    # Prepared elsewhere and moved into place: read what is on disk now.
+    builder = tfds.builder(dataset, data_dir=data_dir)
   ds = builder.as_dataset(split=split)
   return ds.map(_scale, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -97,11 +102,23 @@ def _download_and_prepare(builder: tfds.core.DatasetBuilder,
                       timeout_s=CONNECT_TIMEOUT_S)
     except ConnectionError as e:
       raise ConnectionError(_offline_message(builder, dataset, e)) from e
-  with _removing_additions_on_error(os.fspath(builder.data_dir_root)):
+  root = os.fspath(builder.data_dir_root)
+  with _staging_folder(root, dataset) as staging:
+    staged = tfds.builder(dataset, data_dir=staging)
     try:
-      builder.download_and_prepare()
+      staged.download_and_prepare(
+          download_dir=os.path.join(staging, "downloads"),
+          # Files a user put in place for datasets tfds cannot download.
+          download_config=tfds.download.DownloadConfig(
+              manual_dir=os.path.join(root, "downloads", "manual")))
     except OSError as e:  # requests' network errors are OSErrors too.
       raise ConnectionError(_offline_message(builder, dataset, e)) from e
+    prepared = os.fspath(staged.data_dir)
+    target = os.path.join(root, os.path.relpath(prepared, staging))
+    tf.io.gfile.makedirs(os.path.dirname(target))
+    if tf.io.gfile.exists(target):
+      return  # Another process prepared it meanwhile: keep theirs.
+    tf.io.gfile.rename(prepared, target)
 
 
 def _offline_message(builder: tfds.core.DatasetBuilder, dataset: str,
@@ -192,58 +209,41 @@ def _connect_target(url: str) -> Optional[Tuple[str, int]]:
 
 
 @contextlib.contextmanager
-def _removing_additions_on_error(root: str) -> Iterator[None]:
-  """Removes what appeared under `root` (and `root` if new) when the body fails.
+def _staging_folder(root: str, dataset: str) -> Iterator[str]:
+  """A new folder of this process under `root`, removed however the body ends.
 
-  Files and folders that existed before are never touched. Another process
-  writing under `root` at the same time could lose its new files.
+  Folders made to hold it (`root` and missing parents) are removed too on
+  failure, each only if empty: another process may have put files there.
 
   Args:
     root: the data directory tfds writes into.
+    dataset: tfds dataset name, part of the folder's name.
 
   Yields:
-    None.
+    The folder's path.
   """
-  # The topmost folder this call may create: tfds makes missing parents
-  # (left alone on remote file systems such as gs://).
-  created = root
+  created = []
   if "://" not in root:
-    created = root = os.path.abspath(root)
-    while (os.path.dirname(created) != created and
-           not tf.io.gfile.exists(os.path.dirname(created))):
-      created = os.path.dirname(created)
-  before = _tree(root) if tf.io.gfile.exists(root) else None
+    # tfds makes missing parents (left alone on remote file systems).
+    root = os.path.abspath(root)
+    parent = root
+    while not tf.io.gfile.exists(parent):
+      created.append(parent)
+      parent = os.path.dirname(parent)
+  staging = os.path.join(root, f".staging-{dataset.replace('/', '_')}-"
+                               f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+  tf.io.gfile.makedirs(staging)
+  succeeded = False
   try:
-    yield
-  except BaseException:
-    if before is None:
-      if tf.io.gfile.exists(created):
-        tf.io.gfile.rmtree(created)
-    else:
-      _remove_additions(root, before)
-    raise
-
-
-def _tree(root: str) -> Set[str]:
-  """Paths of every file and folder under `root`."""
-  paths = set()
-  for dirpath, dirnames, filenames in tf.io.gfile.walk(root):
-    paths.update(os.path.join(dirpath, name) for name in dirnames + filenames)
-  return paths
-
-
-def _remove_additions(root: str, before: Set[str]) -> None:
-  """Removes the paths under `root` that are not in `before`."""
-  removed = []
-  # Sorted, a new folder comes before its contents and is removed whole.
-  for path in sorted(_tree(root) - before):
-    if any(path.startswith(folder + os.sep) for folder in removed):
-      continue
-    if tf.io.gfile.isdir(path):
-      tf.io.gfile.rmtree(path)
-      removed.append(path)
-    else:
-      tf.io.gfile.remove(path)
+    yield staging
+    succeeded = True
+  finally:
+    if tf.io.gfile.exists(staging):
+      tf.io.gfile.rmtree(staging)
+    if not succeeded:
+      for folder in created:  # Innermost first.
+        with contextlib.suppress(OSError):
+          os.rmdir(folder)  # Only if empty.
 
 
 def image_spec(dataset: str, *, data_dir: Optional[str] = None

@@ -52,6 +52,29 @@ _NO_DOWNLOAD = mock.patch.object(
     tfds.download.DownloadManager, "download_and_extract",
     side_effect=AssertionError("tfds started a download."))
 
+class StagedImages(tfds.core.GeneratorBasedBuilder):
+  """Six 8x8 images made on the spot: tfds' download path without a network."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  # A test module has no package folder of checksums or metadata.
+  url_infos = None
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=(
+        tfds.features.FeaturesDict(
+            {"image": tfds.features.Image(shape=(8, 8, 3)),
+             "label": tfds.features.ClassLabel(num_classes=2)})))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(6):
+      yield i, {"image": np.full([8, 8, 3], i, np.uint8), "label": i % 2}
+
+
 _IMAGES = np.random.RandomState(1).randint(0, 256, [6, 16, 24, 3], np.uint8)
 
 
@@ -261,15 +284,16 @@ class InputPipelineTest(parameterized.TestCase):
       os.makedirs(os.path.join(data_dir, "cifar10"))
       before = _tree(data_dir)
 
-      def fail_midway(*args, **kwargs):
-        del args, kwargs
-        _write(os.path.join(data_dir, "downloads", "new.tar.gz.tmp"))
-        _write(os.path.join(data_dir, "downloads", "extracted", "x", "y"))
-        _write(os.path.join(data_dir, "cifar10", "3.0.2.incomplete", "z"))
+      def fail_midway(builder, **kwargs):
+        # Where tfds writes: the builder's data directory (a staging one).
+        root = os.fspath(builder.data_dir_root)
+        _write(os.path.join(kwargs["download_dir"], "new.tar.gz.tmp"))
+        _write(os.path.join(root, "downloads", "extracted", "x", "y"))
+        _write(os.path.join(root, "cifar10", "3.0.2.incomplete", "z"))
         raise OSError("Failed to resolve 'www.cs.toronto.edu'")
 
       download = mock.patch.object(
-          tfds.core.DatasetBuilder, "download_and_prepare",
+          tfds.core.DatasetBuilder, "download_and_prepare", autospec=True,
           side_effect=fail_midway)
       with download as prepare, self.assertRaisesRegex(
           ConnectionError, "toronto.*--config.data_dir"):
@@ -286,16 +310,63 @@ class InputPipelineTest(parameterized.TestCase):
         os.chdir(parent)
         data_dir = os.path.join("new", "tfds")
 
-      def fail(*args, **kwargs):
-        del args, kwargs
-        _write(os.path.join(data_dir, "downloads", "a"))
+      def fail(builder, **kwargs):
+        _write(os.path.join(kwargs["download_dir"], "a"))
+        _write(os.path.join(os.fspath(builder.data_dir_root), "cifar10", "b"))
         raise RuntimeError("disk on fire")
 
       download = mock.patch.object(
-          tfds.core.DatasetBuilder, "download_and_prepare", side_effect=fail)
+          tfds.core.DatasetBuilder, "download_and_prepare", autospec=True,
+          side_effect=fail)
       with download, self.assertRaisesRegex(RuntimeError, "disk on fire"):
         input_pipeline.load_split("train", data_dir=data_dir)
       self.assertEqual(os.listdir(parent), [])
+
+  def test_download_is_prepared_aside_then_moved_into_place(self):
+    with tempfile.TemporaryDirectory() as data_dir:
+      _write(os.path.join(data_dir, "other", "a"), b"a")
+      ds = input_pipeline.load_split("train", dataset="staged_images",
+                                     data_dir=data_dir)
+      firsts = sorted(int(e["image"][0, 0, 0] * 255 + 127.5)
+                      for e in ds.as_numpy_iterator())
+      self.assertEqual(firsts, list(range(6)))
+      self.assertEqual(sorted(os.listdir(data_dir)),
+                       ["other", "staged_images"])
+      self.assertTrue(os.path.exists(os.path.join(
+          data_dir, "staged_images", "1.0.0", "dataset_info.json")))
+      # Prepared now: read as it is, without a download.
+      with mock.patch.object(StagedImages, "_split_generators",
+                             side_effect=AssertionError("downloaded")):
+        self.assertLen(list(input_pipeline.load_split(
+            "train", dataset="staged_images", data_dir=data_dir,
+            download=False)), 6)
+
+  def test_failed_download_removes_only_its_own_files(self):
+    """Another job writes into data_dir while the download fails."""
+    with tempfile.TemporaryDirectory() as data_dir:
+      _write(os.path.join(data_dir, "downloads", "old.tar.gz"), b"old")
+      before = _tree(data_dir)
+      theirs = {}
+
+      def fail_midway(builder, unused_dl_manager):
+        # This download's partial files, where tfds writes them.
+        root = os.fspath(builder.data_dir_root)
+        _write(os.path.join(root, "downloads", "new.tar.gz.tmp"))
+        _write(os.path.join(root, "staged_images", "1.0.0.incomplete", "z"))
+        # The other job's, added meanwhile.
+        for name in ("job/1.0.0/a.tfrecord", "job/1.0.0/b.tfrecord",
+                     "downloads/theirs.tar.gz"):
+          _write(os.path.join(data_dir, name), name.encode())
+          theirs[name] = name.encode()
+        theirs["job"] = theirs["job/1.0.0"] = None
+        raise OSError("502 Bad Gateway")
+
+      with mock.patch.object(StagedImages, "_split_generators", autospec=True,
+                             side_effect=fail_midway):
+        with self.assertRaisesRegex(ConnectionError, "502 Bad Gateway"):
+          input_pipeline.load_split("train", dataset="staged_images",
+                                    data_dir=data_dir)
+      self.assertEqual(_tree(data_dir), {**before, **theirs})
 
   def test_missing_importlib_resources_says_what_to_install(self):
     def missing(self):
