@@ -156,34 +156,56 @@ def mean_over_replicas(value: Any) -> Any:
   return value
 
 
+def snapshot(variables: Sequence[tf.Variable]
+             ) -> "list[tuple[tf.Variable, tf.Tensor]]":
+  """The values of `variables` now, for `update(..., kept=...)`.
+
+  Take it in the replica step before the forward pass that may assign them
+  (e.g. a quantizer's EMA statistics, usage and k-means/restart codes).
+  """
+  return [(v, v.read_value()) for v in variables]
+
+
 def update(optimizer: optim.Adam, params: Sequence[tf.Variable],
            grads: Sequence[tf.Tensor], loss: tf.Tensor,
-           loss_scale: Optional[loss_scale_lib.DynamicLossScale] = None
+           loss_scale: Optional[loss_scale_lib.DynamicLossScale] = None,
+           kept: Sequence["tuple[tf.Variable, tf.Tensor]"] = ()
            ) -> tf.Tensor:
   """A replica step's optimizer update, skipped where the loss is not finite.
 
   Gradients and loss are averaged over the replicas, so every replica makes
   the same update and the same decision. A non-finite mean loss skips the
-  update: `make_loop` stops after such a step, and its parameters stay those
-  of the last good step instead of turning NaN.
+  update and puts the `kept` variables back to their values before the
+  step: `make_loop` stops after such a step, and the model's state stays
+  that of the last good step instead of turning NaN.
 
   Args:
     optimizer: built for `params`.
     params: the trained variables.
     grads: this replica's gradients of `loss` (of `loss_scale.scale_loss(loss)`
       with a loss scale, which also skips the update when they overflow).
-    loss: this replica's loss, unscaled.
+    loss: this replica's loss, unscaled. A step that must change nothing
+      (e.g. its input is not finite) passes NaN.
     loss_scale: float16 training's loss scale, or None.
+    kept: `snapshot` of the other state the step changed (taken before it),
+      restored when the loss is not finite.
 
   Returns:
     The loss averaged over the replicas.
   """
   grads, loss = mean_over_replicas((list(grads), loss))
-  apply_if = tf.math.is_finite(loss)
+  good = tf.math.is_finite(loss)
+  apply_if = good
   if loss_scale is not None:
+    # A bad step leaves the scale too; an overflow alone only skips the update.
+    kept = list(kept) + snapshot(loss_scale.variables)
     grads, finite_grads = loss_scale.update(grads)
     apply_if = tf.logical_and(apply_if, finite_grads)
   optimizer.apply(grads, params, apply_if)
+  for variable, value in kept:
+    # tf.where, not tf.cond: MirroredStrategy cannot sync assignments inside
+    # control flow.
+    variable.assign(tf.where(good, variable.read_value(), value))
   return loss
 
 

@@ -35,6 +35,7 @@ from absl import logging
 from ml_collections import config_dict
 from ml_collections import config_flags
 import numpy as np
+import sonnet as snt
 import tensorflow as tf
 
 from sonnet_vqvae import distribute
@@ -190,6 +191,10 @@ def make_replica_step(model: networks.VQVAEModel, optimizer: optim.Adam,
   the loss; a step whose gradients overflow changes nothing but the scale,
   and the metrics include loss_scale.
 
+  A batch with a non-finite image changes nothing (parameters, optimizer,
+  the quantizers' statistics and usage): its loss reads NaN, so the loop
+  stops there and names the step.
+
   Raises:
     ValueError: for float16 with an optimizer that has no loss scale.
   """
@@ -198,14 +203,25 @@ def make_replica_step(model: networks.VQVAEModel, optimizer: optim.Adam,
     raise ValueError("float16 training needs a loss scale: "
                      "Adam(..., loss_scale=DynamicLossScale()).")
 
+  # What the forward pass assigns (EMA statistics, usage, k-means and
+  # restarted codes): put back after a step that must change nothing.
+  state = list({id(v): v for v in list(model.non_trainable_variables) + [
+      v for q in quantizers_of(model) for v in q.variables]}.values())
+
   def replica_step(images):
+    # Checked on the input, not on the loss: oneDNN fuses Conv+ReLU, and
+    # relu(conv(NaN)) is 0, so a non-finite image may give a finite loss.
+    finite_images = tf.reduce_all(tf.math.is_finite(images))
+    before = loop.snapshot(state)
     with tf.GradientTape() as tape, precision.scope(mixed_precision):
       out = model(images, is_training=True)
       loss = (out["loss"] if loss_scale is None
               else loss_scale.scale_loss(out["loss"]))
     params = model.trainable_variables
+    step_loss = tf.where(finite_images, out["loss"],
+                         tf.constant(float("nan"), out["loss"].dtype))
     loss = loop.update(optimizer, params, tape.gradient(loss, params),
-                       out["loss"], loss_scale)
+                       step_loss, loss_scale, kept=before)
     vq = out["vq_output"]
     metrics = {"recon_error": out["recon_error"],
                "perplexity": vq["perplexity"],
@@ -222,6 +238,11 @@ def make_replica_step(model: networks.VQVAEModel, optimizer: optim.Adam,
     return dict(loop.mean_over_replicas(metrics), loss=loss)
 
   return replica_step
+
+
+def quantizers_of(model: networks.VQVAEModel) -> List[snt.Module]:
+  """The model's quantizers, top first (one for the plain VQ-VAE)."""
+  return list(getattr(model, "quantizers", None) or [model.quantizer])
 
 
 def make_train_loop(model: networks.VQVAEModel, optimizer: optim.Adam,
@@ -381,7 +402,7 @@ def _evaluate(model: networks.VQVAEModel, dataset: tf.data.Dataset
                                             batch_size=int(first.shape[0])))
   images_spec = dataset.element_spec[0]
   # Every level's codebook, top first (one for the plain VQ-VAE).
-  quantizers_ = getattr(model, "quantizers", None) or [model.quantizer]
+  quantizers_ = quantizers_of(model)
   levels = len(quantizers_)
 
   # One fixed batch shape: compiled once, also for the padded last batch.
