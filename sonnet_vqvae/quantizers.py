@@ -384,13 +384,28 @@ class _Quantizer(snt.Module):
       self.embeddings = tf.Variable(
           initializer([embedding_dim, num_embeddings], dtype),
           trainable=trainable, name="embeddings")
+      self._create_statistics(dtype)
+    # k-means replaces only this random codebook: one restored from a
+    # checkpoint that has no `training_steps` (stock Sonnet's) or assigned by
+    # the user differs from it and is kept. A constant, so never checkpointed.
+    self._initial_embeddings = (tf.convert_to_tensor(self.embeddings)
+                                if kmeans_init else None)
+
+  @snt.once
+  def _create_usage(self) -> None:
+    """Creates the state stock Sonnet's quantizers lack, on the first call.
+
+    Created after the constructor, so that a stock `snt.nets` checkpoint
+    restores into a new quantizer with `assert_existing_objects_matched()`;
+    where a checkpoint holds them, TensorFlow restores them on creation.
+    """
+    with tf.variable_creator_scope(replica_consistent_variables):
       # Vectors per training step assigned to each code, as an EMA.
       self.code_usage = tf.Variable(
-          tf.zeros([num_embeddings], tf.float32), trainable=False,
+          tf.zeros([self.num_embeddings], tf.float32), trainable=False,
           name="code_usage")
       self.training_steps = tf.Variable(
           0, trainable=False, dtype=tf.int64, name="training_steps")
-      self._create_statistics(dtype)
 
   def _create_statistics(self, dtype: tf.DType) -> None:
     """Creates the variables the subclass updates (inside the creator scope)."""
@@ -460,6 +475,7 @@ class _Quantizer(snt.Module):
     """
     inputs = tf.convert_to_tensor(inputs)
     check_inputs(inputs, self.embedding_dim)
+    self._create_usage()
     compute_dtype = self._compute_dtype(inputs)
     flat_inputs = tf.cast(tf.reshape(inputs, [-1, self.embedding_dim]),
                           compute_dtype)
@@ -552,8 +568,10 @@ class _Quantizer(snt.Module):
     # Variables are assigned outside tf.cond because MirroredStrategy cannot
     # sync an assignment inside control flow.
     if self.kmeans_init:
+      untouched = tf.reduce_all(
+          tf.equal(self.embeddings, self._initial_embeddings))
       codebook = tf.cond(
-          first_step & has_points,
+          first_step & has_points & untouched,
           lambda: _kmeans(flat_inputs, finite, self.num_embeddings,
                           self.kmeans_iters, seed),
           lambda: codebook)
