@@ -36,6 +36,21 @@ setuptools.setup(
         "tqdm",
     ],
     extras_require={
+        # Colab TPU runtimes and Cloud TPU VMs ship no TensorFlow, and the
+        # plain wheel has no TPU kernels. tensorflow-tpu is TensorFlow's TPU
+        # build; it writes the same tensorflow/ files as the plain wheel
+        # (pulled in above), so both are pinned to one version and the TPU
+        # build is reinstalled after (distribute.TPU_INSTALL). libtpu 0.0.14
+        # is the lowest its `libtpu~=0.0.14` allows and exports all 86 TPU
+        # functions TF 2.20 looks up; the newest (0.0.52) exports 20 of them.
+        "tpu": [
+            "libtpu==0.0.14",
+            "tensorflow==2.20.0",
+            "tensorflow-tpu==2.20.0",
+        ],
+        # NVIDIA GPUs outside Colab (whose GPU runtime ships TensorFlow with
+        # CUDA): TensorFlow with its CUDA libraries from pip.
+        "gpu": ["tensorflow[and-cuda]>=2.16"],
         "test": [
             "ipykernel",
             "nbclient",

@@ -7,14 +7,19 @@ Every trainer in the package takes its strategy from `make_strategy`, asks
 """
 
 import functools
-import glob
 import json
 import os
+import re
+from typing import Any, Callable, Mapping, Optional, Tuple
 
+from absl import logging
 import sonnet as snt
 import tensorflow as tf
 
 STRATEGIES = ("auto", "default", "replicator", "tpu", "multi_worker")
+# Cloud TPU's performance guide recommends per-core batches of at least 8
+# (XLA pads dimensions to multiples of 8); below, a log line says so.
+TPU_MIN_PER_REPLICA = 8
 
 
 def replica_consistent_variables(next_creator, **kwargs):
@@ -40,6 +45,110 @@ def check_strategy_name(name: str) -> None:
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}.")
 
 
+# The TPU build of TensorFlow that Colab TPU runtimes and Cloud TPU VMs need:
+# they ship no TensorFlow, and the plain `tensorflow` wheel has no TPU kernels.
+# setup.py's "tpu" extra pins the pair and the libtpu that has every TPU
+# function TF 2.20 calls; the TPU build is reinstalled last because both
+# wheels write the same `tensorflow/` files.
+TENSORFLOW_TPU = "tensorflow-tpu==2.20.0"
+TPU_INSTALL = ('pip install "sonnet_vqvae[tpu]" && pip install '
+               f'--force-reinstall --no-deps {TENSORFLOW_TPU}')
+
+# Google's PCI vendor id and the device ids of its TPU chips (v2/v3, v4, v5p,
+# v5e, v6e), as /sys/bus/pci/devices/*/{vendor,device} spell them. TPU VMs
+# from v5e on attach chips through VFIO, whose /dev/vfio/N files any VFIO
+# host has, so only the PCI ids say that those are TPUs.
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+_TPU_PCI_DEVICES = frozenset({"0x0027", "0x005e", "0x0062", "0x0063",
+                              "0x006f"})
+
+
+def attached_tpus(root: str = "/") -> list:
+  """The files that say TPU chips are attached to this host ([] if none).
+
+  Exact names only: /dev/accel<N> character devices (TPU v2-v4 VMs) and
+  Google TPU PCI devices in /sys/bus/pci/devices (every TPU VM). Not the
+  /dev/accel/ directory that Linux's accel subsystem creates for Intel and
+  AMD NPUs and Habana cards, nor /dev/vfio/N, which any VFIO host has.
+
+  Args:
+    root: the filesystem root to look under (tests pass a fake tree).
+  """
+  found = []
+  dev = os.path.join(root, "dev")
+  if os.path.isdir(dev):
+    for name in sorted(os.listdir(dev)):
+      path = os.path.join(dev, name)
+      if re.fullmatch(r"accel\d+", name) and not os.path.isdir(path):
+        found.append(path)
+  pci = os.path.join(root, "sys", "bus", "pci", "devices")
+  if os.path.isdir(pci):
+    for name in sorted(os.listdir(pci)):
+      if (_read(os.path.join(pci, name, "vendor")) == _GOOGLE_PCI_VENDOR and
+          _read(os.path.join(pci, name, "device")) in _TPU_PCI_DEVICES):
+        found.append(os.path.join(pci, name))
+  return found
+
+
+def _read(path: str) -> str:
+  try:
+    with open(path) as f:
+      return f.read().strip()
+  except OSError:
+    return ""
+
+
+def tpu_address(environ: Optional[Mapping[str, str]] = None,
+                root: str = "/") -> Tuple[Optional[str], str]:
+  """The `tpu` argument of `TPUClusterResolver` for this process, and why.
+
+  Resolved here, not by the resolver: with tpu=None it reads only TPU_NAME,
+  and it looks a name up as a Cloud TPU node, also "local".
+
+  Args:
+    environ: environment variables (default: os.environ).
+    root: filesystem root for `attached_tpus`.
+
+  Returns:
+    (tpu, reason): tpu is TPU_NAME as given ("local" for a TPU attached to
+    this host, a grpc:// address, or a Cloud TPU node's name), else
+    "grpc://$COLAB_TPU_ADDR" (Colab's TPU node runtimes), else "local" when
+    `attached_tpus` finds chips; None when no TPU is named or attached.
+  """
+  environ = os.environ if environ is None else environ
+  if environ.get("TPU_NAME"):
+    name = environ["TPU_NAME"]
+    return name, f"TPU_NAME={name}"
+  if environ.get("COLAB_TPU_ADDR"):
+    address = environ["COLAB_TPU_ADDR"]
+    return f"grpc://{address}", f"COLAB_TPU_ADDR={address}"
+  attached = attached_tpus(root)
+  if attached:
+    return "local", f"TPU chips attached to this host ({attached[0]})"
+  return None, "no TPU named (TPU_NAME, COLAB_TPU_ADDR) or attached"
+
+
+def connect_tpu(tpu: str) -> tf.distribute.Strategy:
+  """Initialises the TPU system `tpu` and returns Sonnet's TpuReplicator.
+
+  Raises:
+    RuntimeError: initialisation left no TPU device (e.g. a TensorFlow build
+      without TPU support that did not raise).
+    Whatever the resolver or initialisation raised, e.g. NotFoundError or
+    InvalidArgumentError ("No OpKernel was registered to support Op
+    'ConfigureDistributedTPU'") with a TensorFlow that has no TPU kernels.
+  """
+  resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+  tf.config.experimental_connect_to_cluster(resolver)
+  tf.tpu.experimental.initialize_tpu_system(resolver)
+  devices = tf.config.list_logical_devices("TPU")
+  if not devices:
+    raise RuntimeError(f"TPU initialisation of tpu={tpu!r} returned but "
+                       "TensorFlow lists no TPU device.")
+  logging.info("TPU %r: %d TPU cores.", tpu, len(devices))
+  return snt.distribute.TpuReplicator(resolver)
+
+
 @functools.cache
 def make_strategy(name: str) -> tf.distribute.Strategy:
   """The strategy `name` (see `STRATEGIES`); "auto" picks from the machine.
@@ -47,26 +156,55 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
   One instance per name and process: strategies number their collectives
   independently, so a second one over the same devices would reuse the first
   one's collective keys with other shapes. Other code in the process should
-  take its strategy from here too.
+  take its strategy from here too. See `build_strategy` for the choice.
+  """
+  return build_strategy(name)
 
-  auto: multi_worker when TF_CONFIG names more than one task, tpu when a TPU
-  is named (TPU_NAME / COLAB_TPU_ADDR) or attached to this host (Colab TPU
-  runtimes and Cloud TPU VMs), replicator over several GPUs, the default
-  one-device strategy otherwise. "replicator" uses all local GPUs, or all
-  logical CPUs when there is no GPU; "tpu" is `snt.distribute.TpuReplicator`.
+
+def build_strategy(name: str, environ: Optional[Mapping[str, str]] = None,
+                   root: str = "/",
+                   connect: Callable[[str], Any] = connect_tpu
+                   ) -> tf.distribute.Strategy:
+  """Builds the strategy `name`; `make_strategy` is its cached form.
+
+  auto: multi_worker when TF_CONFIG names more than one task; tpu when a TPU
+  is named or attached (`tpu_address`), falling back to the next choices with
+  one warning when it cannot be initialised (e.g. TensorFlow without TPU
+  kernels); replicator over several GPUs; the default one-device strategy
+  otherwise. "replicator" uses all local GPUs, or all logical CPUs when there
+  is no GPU; "tpu" is `snt.distribute.TpuReplicator` on `tpu_address`'s TPU
+  ("local" when none is named or found) and fails, saying what to install,
+  when it cannot be initialised.
+
+  Args:
+    name: one of `STRATEGIES`.
+    environ: environment variables (default: os.environ).
+    root: filesystem root for `attached_tpus`.
+    connect: tpu address -> strategy (`connect_tpu`; tests pass a fake).
+
+  Raises:
+    ValueError: an unknown name.
+    RuntimeError: strategy "tpu" could not be initialised.
   """
   check_strategy_name(name)
+  environ = os.environ if environ is None else environ
   if name == "auto":
-    cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+    cluster = json.loads(environ.get("TF_CONFIG", "{}")).get("cluster", {})
     if sum(len(tasks) for tasks in cluster.values()) > 1:
-      name = "multi_worker"
-    elif (_named_tpu() or glob.glob("/dev/accel*") or
-          glob.glob("/dev/vfio/[0-9]*")):
-      name = "tpu"
-    elif len(tf.config.list_logical_devices("GPU")) > 1:
-      name = "replicator"
-    else:
-      name = "default"
+      return tf.distribute.MultiWorkerMirroredStrategy()
+    tpu, why = tpu_address(environ, root)
+    if tpu is not None:
+      try:
+        return connect(tpu)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning(
+            "strategy='auto': a TPU is named or attached (%s) but could not "
+            "be initialised, so training runs on GPUs/CPU instead: %s: %s. "
+            "For the TPU, install TensorFlow's TPU build: %s", why,
+            type(e).__name__, str(e).splitlines()[0] if str(e) else "",
+            TPU_INSTALL)
+    name = ("replicator" if len(tf.config.list_logical_devices("GPU")) > 1
+            else "default")
   if name == "default":
     return tf.distribute.get_strategy()
   if name == "replicator":
@@ -74,17 +212,19 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
                tf.config.list_logical_devices("CPU"))
     return snt.distribute.Replicator(devices=[d.name for d in devices])
   if name == "tpu":
-    # A TPU attached to this host has no address: the resolver calls it local.
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
-        tpu=None if _named_tpu() else "local")
-    tf.config.experimental_connect_to_cluster(resolver)
-    tf.tpu.experimental.initialize_tpu_system(resolver)
-    return snt.distribute.TpuReplicator(resolver)
+    tpu, why = tpu_address(environ, root)
+    tpu = tpu or "local"
+    try:
+      return connect(tpu)
+    except Exception as e:  # pylint: disable=broad-except
+      raise RuntimeError(
+          f"strategy='tpu': could not initialise the TPU {tpu!r} ({why}): "
+          f"{type(e).__name__}: {e}\nOn a Colab TPU runtime or a Cloud TPU "
+          "VM, install TensorFlow's TPU build (plain `tensorflow` has no TPU "
+          f"kernels): {TPU_INSTALL}, then restart the runtime. For a Cloud "
+          "TPU node, set TPU_NAME to its name or grpc:// address. Or use "
+          "strategy='auto' to fall back to GPUs/CPU.") from e
   return tf.distribute.MultiWorkerMirroredStrategy()
-
-
-def _named_tpu() -> bool:
-  return bool(os.environ.get("TPU_NAME") or os.environ.get("COLAB_TPU_ADDR"))
 
 
 def is_chief() -> bool:
@@ -116,6 +256,34 @@ def check_batch_size(batch_size: int, strategy: tf.distribute.Strategy,
     raise ValueError(f"config.{key}={batch_size} is not divisible by the "
                      f"{replicas} replicas of the strategy; use a multiple of "
                      f"{replicas}.")
+  if is_tpu(strategy) and batch_size // replicas < TPU_MIN_PER_REPLICA:
+    logging.info(
+        "config.%s=%d is %d per TPU core; Cloud TPU's performance guide "
+        "recommends per-core batches of %d or more (XLA pads dimensions to "
+        "multiples of 8): consider %s=%d or more.",
+        key, batch_size, batch_size // replicas, TPU_MIN_PER_REPLICA, key,
+        TPU_MIN_PER_REPLICA * replicas)
+
+
+def check_same_step(step: int, strategy: tf.distribute.Strategy) -> None:
+  """Raises RuntimeError unless every worker restored the same step.
+
+  Workers of a multi-worker run read one workdir, so they need a shared
+  filesystem; on separate disks each restores what its own disk holds and
+  the collectives of steps that do not match would hang. Called by every
+  worker right after restoring (a collective, so all must call it); a no-op
+  for other strategies.
+  """
+  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return
+  steps = strategy.gather(
+      strategy.run(lambda: tf.constant([step], tf.int64)), axis=0).numpy()
+  if steps.min() != steps.max():
+    raise RuntimeError(
+        f"The workers restored different steps {steps.tolist()} (one per "
+        f"replica; this worker {step}). Workers of a multi-worker run must "
+        "see the same workdir: use a shared filesystem (NFS, or gs:// paths) "
+        "for --workdir.")
 
 
 def is_tpu(strategy: tf.distribute.Strategy) -> bool:

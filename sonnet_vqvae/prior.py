@@ -370,6 +370,7 @@ def train_on_codes(config: ml_collections.ConfigDict,
     checkpoints = loop.checkpoints_of(run_dir, checkpoint, strategy,
                                       config.max_checkpoints_to_keep)
     start = loop.restore(run_dir, checkpoints, stored)
+    distribute.check_same_step(start, strategy)  # Workers share one workdir.
     logging.info("Training the prior from step %d to %d on %d replica(s).",
                  start, config.num_steps, strategy.num_replicas_in_sync)
 

@@ -362,6 +362,7 @@ def _restore_or_start(config, strategy, run_dir, stored, image_shape,
   checkpoints = loop.checkpoints_of(run_dir, checkpoint, strategy,
                                     config.max_checkpoints_to_keep)
   step = loop.restore(run_dir, checkpoints, stored)
+  distribute.check_same_step(step, strategy)  # Workers share one workdir.
   return model, optimizer, checkpoints, step, variance
 
 
