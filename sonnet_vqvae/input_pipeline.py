@@ -92,16 +92,25 @@ def load_split(split: str,
 
 def _download_and_prepare(builder: tfds.core.DatasetBuilder,
                           dataset: str) -> None:
-  """Downloads and prepares `builder`'s data, failing fast when offline."""
-  # Only tfds' own download_and_prepare fetches `url_infos`; a replaced one
-  # (tfds.testing.mock_data, a builder's override) may need no network.
+  """Downloads and prepares `builder`'s data, failing fast when offline.
+
+  tfds' own download_and_prepare runs in a staging folder (see `load_split`).
+  A replaced one (tfds.testing.mock_data, a builder's override) runs as it
+  is: where it writes is its own business, and nothing is removed after it.
+  """
   if (type(builder).download_and_prepare.__module__
-      == tfds.core.DatasetBuilder.__module__):
+      != tfds.core.DatasetBuilder.__module__):
     try:
-      check_reachable(_download_urls(builder, dataset),
-                      timeout_s=CONNECT_TIMEOUT_S)
-    except ConnectionError as e:
+      builder.download_and_prepare()
+    except OSError as e:  # requests' network errors are OSErrors too.
       raise ConnectionError(_offline_message(builder, dataset, e)) from e
+    return
+  # Only tfds' own download_and_prepare fetches `url_infos`.
+  try:
+    check_reachable(_download_urls(builder, dataset),
+                    timeout_s=CONNECT_TIMEOUT_S)
+  except ConnectionError as e:
+    raise ConnectionError(_offline_message(builder, dataset, e)) from e
   root = os.fspath(builder.data_dir_root)
   with _staging_folder(root, dataset) as staging:
     staged = tfds.builder(dataset, data_dir=staging)

@@ -281,23 +281,23 @@ class InputPipelineTest(parameterized.TestCase):
     with tempfile.TemporaryDirectory() as data_dir:
       _write(os.path.join(data_dir, "downloads", "old.tar.gz"), b"old")
       _write(os.path.join(data_dir, "other", "1.0.0", "a.tfrecord"), b"a")
-      os.makedirs(os.path.join(data_dir, "cifar10"))
+      os.makedirs(os.path.join(data_dir, "staged_images"))
       before = _tree(data_dir)
 
-      def fail_midway(builder, **kwargs):
+      def fail_midway(builder, unused_dl_manager):
         # Where tfds writes: the builder's data directory (a staging one).
         root = os.fspath(builder.data_dir_root)
-        _write(os.path.join(kwargs["download_dir"], "new.tar.gz.tmp"))
+        _write(os.path.join(root, "downloads", "new.tar.gz.tmp"))
         _write(os.path.join(root, "downloads", "extracted", "x", "y"))
-        _write(os.path.join(root, "cifar10", "3.0.2.incomplete", "z"))
+        _write(os.path.join(root, "staged_images", "1.0.0.incomplete", "z"))
         raise OSError("Failed to resolve 'www.cs.toronto.edu'")
 
-      download = mock.patch.object(
-          tfds.core.DatasetBuilder, "download_and_prepare", autospec=True,
-          side_effect=fail_midway)
+      download = mock.patch.object(StagedImages, "_split_generators",
+                                   autospec=True, side_effect=fail_midway)
       with download as prepare, self.assertRaisesRegex(
           ConnectionError, "toronto.*--config.data_dir"):
-        input_pipeline.load_split("train", data_dir=data_dir)
+        input_pipeline.load_split("train", dataset="staged_images",
+                                  data_dir=data_dir)
       prepare.assert_called_once()
       self.assertEqual(_tree(data_dir), before)
 
@@ -310,63 +310,25 @@ class InputPipelineTest(parameterized.TestCase):
         os.chdir(parent)
         data_dir = os.path.join("new", "tfds")
 
-      def fail(builder, **kwargs):
-        _write(os.path.join(kwargs["download_dir"], "a"))
-        _write(os.path.join(os.fspath(builder.data_dir_root), "cifar10", "b"))
+      def fail(builder, unused_dl_manager):
+        _write(os.path.join(os.fspath(builder.data_dir_root), "downloads",
+                            "a"))
         raise RuntimeError("disk on fire")
 
-      download = mock.patch.object(
-          tfds.core.DatasetBuilder, "download_and_prepare", autospec=True,
-          side_effect=fail)
+      download = mock.patch.object(StagedImages, "_split_generators",
+                                   autospec=True, side_effect=fail)
       with download, self.assertRaisesRegex(RuntimeError, "disk on fire"):
-        input_pipeline.load_split("train", data_dir=data_dir)
+        input_pipeline.load_split("train", dataset="staged_images",
+                                  data_dir=data_dir)
       self.assertEqual(os.listdir(parent), [])
 
-  def test_download_is_prepared_aside_then_moved_into_place(self):
+  def test_mock_data_prepares_nothing_in_place(self):
+    """tfds.testing.mock_data replaces download_and_prepare: called as it is."""
     with tempfile.TemporaryDirectory() as data_dir:
-      _write(os.path.join(data_dir, "other", "a"), b"a")
-      ds = input_pipeline.load_split("train", dataset="staged_images",
-                                     data_dir=data_dir)
-      firsts = sorted(int(e["image"][0, 0, 0] * 255 + 127.5)
-                      for e in ds.as_numpy_iterator())
-      self.assertEqual(firsts, list(range(6)))
-      self.assertEqual(sorted(os.listdir(data_dir)),
-                       ["other", "staged_images"])
-      self.assertTrue(os.path.exists(os.path.join(
-          data_dir, "staged_images", "1.0.0", "dataset_info.json")))
-      # Prepared now: read as it is, without a download.
-      with mock.patch.object(StagedImages, "_split_generators",
-                             side_effect=AssertionError("downloaded")):
+      with tfds.testing.mock_data(num_examples=2):
         self.assertLen(list(input_pipeline.load_split(
-            "train", dataset="staged_images", data_dir=data_dir,
-            download=False)), 6)
-
-  def test_failed_download_removes_only_its_own_files(self):
-    """Another job writes into data_dir while the download fails."""
-    with tempfile.TemporaryDirectory() as data_dir:
-      _write(os.path.join(data_dir, "downloads", "old.tar.gz"), b"old")
-      before = _tree(data_dir)
-      theirs = {}
-
-      def fail_midway(builder, unused_dl_manager):
-        # This download's partial files, where tfds writes them.
-        root = os.fspath(builder.data_dir_root)
-        _write(os.path.join(root, "downloads", "new.tar.gz.tmp"))
-        _write(os.path.join(root, "staged_images", "1.0.0.incomplete", "z"))
-        # The other job's, added meanwhile.
-        for name in ("job/1.0.0/a.tfrecord", "job/1.0.0/b.tfrecord",
-                     "downloads/theirs.tar.gz"):
-          _write(os.path.join(data_dir, name), name.encode())
-          theirs[name] = name.encode()
-        theirs["job"] = theirs["job/1.0.0"] = None
-        raise OSError("502 Bad Gateway")
-
-      with mock.patch.object(StagedImages, "_split_generators", autospec=True,
-                             side_effect=fail_midway):
-        with self.assertRaisesRegex(ConnectionError, "502 Bad Gateway"):
-          input_pipeline.load_split("train", dataset="staged_images",
-                                    data_dir=data_dir)
-      self.assertEqual(_tree(data_dir), {**before, **theirs})
+            "train", data_dir=data_dir)), 2)
+      self.assertEqual(os.listdir(data_dir), [])
 
   def test_missing_importlib_resources_says_what_to_install(self):
     def missing(self):
