@@ -17,3 +17,4 @@ from sonnet_vqvae.networks import build_model
 from sonnet_vqvae.pixelcnn import GatedPixelCNN
 from sonnet_vqvae.fsq import FiniteScalarQuantizer
 from sonnet_vqvae.lfq import LookupFreeQuantizer
+from sonnet_vqvae.residual_vq import ResidualVectorQuantizer
