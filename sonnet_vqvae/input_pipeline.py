@@ -3,10 +3,15 @@
 `load_split` checks, before any work, that a dataset's images are what the
 reference model takes (`check_images`), and downloads only after a quick check
 that the download hosts answer (`check_reachable`); a download happens in a
-private staging folder, so a failed one removes only what it wrote.
+private staging folder, so a failed one removes only what it wrote. Then it
+checks every split's files against their recorded sizes (`check_files`: a
+truncated or missing file of any split is found before training) and that
+the split exists (`check_split`). Unknown or empty dataset names are one line
+naming the nearest tfds datasets.
 """
 
 import contextlib
+import difflib
 import os
 import socket
 import threading
@@ -62,12 +67,16 @@ def load_split(split: str,
     dataset's label}.
 
   Raises:
-    ValueError: when the dataset's images or features are not what the model
-      takes (before anything is read or downloaded).
-    FileNotFoundError: when the data is not prepared and download is False.
+    ValueError: when the dataset is unknown, its images or features are not
+      what the model takes (before anything is read or downloaded), or it
+      has no split `split`.
+    FileNotFoundError: when the data is not prepared and download is False,
+      or a file of a prepared split is missing.
     ConnectionError: when the data is not prepared and cannot be downloaded.
+    tf.errors.DataLossError: when a split's files are shorter than tfds
+      recorded (`check_files`).
   """
-  builder = tfds.builder(dataset, data_dir=data_dir)
+  builder = _builder(dataset, data_dir)
   check_images(_image_spec(builder, dataset), dataset=dataset)
   if "label" not in builder.info.features.keys():
     raise ValueError(
@@ -85,9 +94,118 @@ def load_split(split: str,
           "machine with network access.")
     _download_and_prepare(builder, dataset)
     # Prepared elsewhere and moved into place: read what is on disk now.
-    builder = tfds.builder(dataset, data_dir=data_dir)
+    builder = _builder(dataset, data_dir)
+  check_files(builder, dataset)
+  _check_split(builder, split, dataset)
   ds = builder.as_dataset(split=split)
   return ds.map(_scale, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _builder(dataset: str,
+             data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
+  """tfds.builder, with a one-line error for an empty or unknown name."""
+  if not dataset or not dataset.strip():
+    raise ValueError("The dataset name is empty: name a tfds dataset, e.g. "
+                     "--config.dataset=cifar10.")
+  try:
+    return tfds.builder(dataset, data_dir=data_dir)
+  except tfds.core.DatasetNotFoundError:
+    # tfds' own message lists all ~450 datasets: name the nearest few.
+    name = dataset.split("/")[0].split(":")[0]
+    nearest = difflib.get_close_matches(
+        name, tfds.list_builders(with_community_datasets=False), n=3,
+        cutoff=0.6)
+    hint = (f"did you mean {' or '.join(nearest)}?" if nearest else
+            "tfds.list_builders() lists the datasets tfds can download.")
+    if data_dir is None:
+      where = ""
+    elif not tf.io.gfile.exists(data_dir):
+      where = f", and data_dir {data_dir!r} does not exist (--config.data_dir)"
+    else:
+      where = f", and data_dir {data_dir!r} holds no prepared {name}/"
+    raise ValueError(f"Unknown tfds dataset {dataset!r} (--config.dataset)"
+                     f"{where}: {hint}") from None
+  except (ValueError, AssertionError) as e:  # An unknown config or version.
+    raise ValueError(f"Cannot load tfds dataset {dataset!r} "
+                     f"(--config.dataset): {' '.join(str(e).split())}") from e
+
+
+def check_split(split: str, *, dataset: str, data_dir: Optional[str] = None,
+                name: str = "split") -> None:
+  """Raises ValueError, before any work, if `dataset` has no split `split`.
+
+  Reads the dataset's metadata only. A split may be sliced or combined as
+  tfds allows ("test[:10%]", "train+test"). When the splits are not known
+  yet (a dataset to be downloaded, or mock data) nothing is checked: tfds
+  checks them once the data is prepared.
+
+  Args:
+    split: the split, e.g. "test".
+    dataset: tfds dataset name.
+    data_dir: directory of prepared tfds datasets (tfds' default when None).
+    name: what the error calls the split, e.g. "config.eval_split".
+  """
+  _check_split(_builder(dataset, data_dir), split, dataset, name)
+
+
+def _check_split(builder: tfds.core.DatasetBuilder, split: str, dataset: str,
+                 name: str = "split") -> None:
+  splits = builder.info.splits
+  if not splits:
+    return
+  try:
+    splits[split]
+  except (KeyError, ValueError, AssertionError) as e:
+    names = ", ".join(sorted(splits))
+    if any(part.split("[")[0].strip() not in splits
+           for part in split.split("+")):
+      raise ValueError(f"{name} {split!r} is not a split of {dataset!r}: its "
+                       f"splits are {names}.") from None
+    # A known split, sliced in a way tfds refuses.
+    raise ValueError(f"{name} {split!r} cannot be read from {dataset!r} "
+                     f"(splits {names}): {' '.join(str(e).split())}") from None
+
+
+# A tfrecord holds each record with 16 bytes of framing: its length and two
+# CRCs. tfds' num_bytes counts the records alone.
+_TFRECORD_FRAMING_BYTES = 16
+
+
+def check_files(builder: tfds.core.DatasetBuilder, dataset: str) -> None:
+  """Raises if a split's files are missing or shorter than tfds recorded.
+
+  A stat of each file against the split's size in dataset_info.json: cheap,
+  and it finds a truncated copy or download of any split (the test split's
+  too) before training rather than when that split is read.
+
+  Raises:
+    FileNotFoundError: naming a split's missing file.
+    tf.errors.DataLossError: naming the split whose files are truncated.
+  """
+  reads_files = (type(builder).as_dataset.__module__ ==
+                 tfds.core.DatasetBuilder.__module__)  # Not mock data.
+  if (not reads_files or not builder.is_prepared() or
+      builder.info.file_format != tfds.core.FileFormat.TFRECORD):
+    return
+  again = (f"Prepare {dataset!r} again: delete {os.fspath(builder.data_dir)!r}"
+           " and run with download=True, or copy the whole folder again.")
+  for split, info in builder.info.splits.items():
+    paths = [os.fspath(p) for p in info.filepaths]
+    for path in paths:
+      if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(
+            f"{path!r}, a file of {dataset!r}'s {split!r} split, is missing. "
+            + again)
+    size = sum(tf.io.gfile.stat(path).length for path in paths)
+    expected = info.num_bytes + _TFRECORD_FRAMING_BYTES * info.num_examples
+    if size < expected:
+      where = (repr(paths[0]) if len(paths) == 1 else
+               f"the {len(paths)} files {paths[0]!r}, ...")
+      raise tf.errors.DataLossError(
+          None, None,
+          f"{where} of {dataset!r}'s {split!r} split hold {size} bytes, "
+          f"fewer than the {expected} its dataset_info.json records: "
+          f"truncated (an interrupted copy or download?). {again}")
 
 
 def _download_and_prepare(builder: tfds.core.DatasetBuilder,
@@ -271,9 +389,9 @@ def image_spec(dataset: str, *, data_dir: Optional[str] = None
     varies between images).
 
   Raises:
-    ValueError: when the dataset has no `image` tensor feature.
+    ValueError: when the dataset is unknown or has no `image` tensor feature.
   """
-  return _image_spec(tfds.builder(dataset, data_dir=data_dir), dataset)
+  return _image_spec(_builder(dataset, data_dir), dataset)
 
 
 def _image_spec(builder: tfds.core.DatasetBuilder,

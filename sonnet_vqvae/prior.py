@@ -476,9 +476,12 @@ def train_prior(config: ml_collections.ConfigDict, vqvae_workdir: str,
   step = _latest_vqvae_step(vqvae_workdir)
   vqvae_config, vqvae = train.restore_model(vqvae_workdir, step)
   options = _data_options(config, vqvae_config)
+  # The VQ-VAE's evaluation split (.get: runs from before eval_split) is the
+  # prior's "test" data.
+  splits = {"train": "train", "test": vqvae_config.get("eval_split", "test")}
   data = {
-      split: encode_split(vqvae, split, batch_size=config.encode_batch_size,
-                          **options) for split in ("train", "test")
+      name: encode_split(vqvae, split, batch_size=config.encode_batch_size,
+                         **options) for name, split in splits.items()
   }
   logging.info("Encoded %d train and %d test images to %s code grids.",
                len(data["train"]["labels"]), len(data["test"]["labels"]),

@@ -473,6 +473,9 @@ class _Quantizer(snt.Module):
           once in the last ln(2) / (1 - usage_decay) training steps.
         nonfinite_inputs: int32 scalar, non-finite vectors in the global batch.
     """
+    if not isinstance(is_training, bool):  # "no" would silently train.
+      raise TypeError(f"is_training must be True or False, got "
+                      f"{is_training!r}.")
     inputs = tf.convert_to_tensor(inputs)
     check_inputs(inputs, self.embedding_dim)
     self._create_usage()

@@ -68,8 +68,12 @@ def validate_config(config: config_dict.ConfigDict) -> None:
 
   Checks keys against `configs.default.get_config()` (an unknown key is a
   typo: the error names it and the nearest valid keys), positive sizes, steps
-  and intervals, ranges, and the strategy name. The batch's divisibility by
-  the replica count and the dataset's images are checked by `train`.
+  and intervals, finite learning rate and ranges (the quantizer options'
+  too), non-empty dataset and eval_split names, the precision and the
+  strategy name. Each error is one line naming the key and the value. The
+  batch's divisibility by the replica count, the dataset (its images, the
+  grids of num_levels, its files and eval_split) are checked by `train`,
+  also before its workdir is created.
   """
   configs.check_keys(config, default.get_config())
   for key in ("num_steps", "batch_size", "eval_batch_size", "log_every",
@@ -96,22 +100,74 @@ def validate_config(config: config_dict.ConfigDict) -> None:
   if config.num_residual_layers < 0:
     raise ValueError("config.num_residual_layers must be >= 0, got "
                      f"{config.num_residual_layers}.")
-  if not config.learning_rate > 0:
-    raise ValueError(
-        f"config.learning_rate must be positive, got {config.learning_rate}.")
+  if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
+    raise ValueError("config.learning_rate must be a finite number > 0, got "
+                     f"{config.learning_rate}.")
   if not 0 <= config.decay < 1:
     raise ValueError(f"config.decay must be in [0, 1), got {config.decay}.")
-  if not config.commitment_cost >= 0:
-    raise ValueError("config.commitment_cost must be >= 0, got "
-                     f"{config.commitment_cost}.")
+  if not (math.isfinite(config.commitment_cost) and
+          config.commitment_cost >= 0):
+    raise ValueError("config.commitment_cost must be a finite number >= 0, "
+                     f"got {config.commitment_cost}.")
+  _check_quantizer_options(config.quantizer)
+  if not config.dataset or not config.dataset.strip():
+    raise ValueError("config.dataset is empty: name a tfds dataset, e.g. "
+                     "--config.dataset=cifar10.")
+  if not config.eval_split:
+    raise ValueError("config.eval_split is empty: name a split of the "
+                     "dataset, e.g. --config.eval_split=test.")
   if config.mixed_precision not in precision.CHOICES:
     raise ValueError(
         "config.mixed_precision must be None (float32), 'auto', 'bfloat16' or "
-        f"'float16', got {config.mixed_precision!r}.")
+        f"'float16', got {config.mixed_precision!r}; None is the default: for "
+        "float32 leave --config.mixed_precision out (the command line cannot "
+        "pass None).")
   loop.check_loop_config(config)
   if config.strategy not in STRATEGIES:
     raise ValueError(
         f"config.strategy must be one of {STRATEGIES}, got {config.strategy!r}.")
+
+
+def _check_quantizer_options(options: config_dict.ConfigDict) -> None:
+  """The quantizer's own range checks, as one line naming the config key.
+
+  Here, before any work: the quantizer would raise them only when the model
+  is built, after the workdir exists.
+  """
+  ranges = {
+      "usage_decay": ("a number in [0, 1)", lambda v: 0 <= v < 1),
+      "dead_code_threshold": ("a finite number >= 0",
+                              lambda v: math.isfinite(v) and v >= 0),
+      "kmeans_iters": ("an int >= 0",
+                       lambda v: isinstance(v, int) and v >= 0),
+      "kmeans_init": ("True or False", lambda v: isinstance(v, bool)),
+      "cosine": ("True or False", lambda v: isinstance(v, bool)),
+  }
+  for key, (what, valid) in ranges.items():
+    if key in options and not valid(options[key]):
+      raise ValueError(f"config.quantizer.{key} must be {what}, got "
+                       f"{options[key]!r}.")
+
+
+def check_num_levels(config: config_dict.ConfigDict, dataset: str,
+                     image_shape: Sequence[int]) -> None:
+  """Raises ValueError naming num_levels unless the images fit its grids.
+
+  Every level halves the grid: H and W must be divisible by
+  `downsampling(config)`.
+  """
+  height, width = image_shape[:2]
+  factor = downsampling(config)
+  if height % factor or width % factor:
+    most = 0  # Levels whose grids divide the images.
+    while not (height % (input_pipeline.MODEL_DOWNSAMPLE * 2**most) or
+               width % (input_pipeline.MODEL_DOWNSAMPLE * 2**most)):
+      most += 1
+    raise ValueError(
+        f"config.num_levels={config.num_levels} needs images whose height and "
+        f"width are divisible by {factor} (4 * 2**(num_levels - 1)); "
+        f"{dataset!r} has {height}x{width} images: set --config.num_levels "
+        f"to at most {most}.")
 
 
 def fingerprint(config: config_dict.ConfigDict,
@@ -282,7 +338,11 @@ def train(config: config_dict.ConfigDict,
     The trained model (its variables live under the run's strategy).
 
   Raises:
-    ValueError: for a config or dataset that cannot train (before any work).
+    ValueError: for a config or dataset that cannot train, or an eval_split
+      the dataset lacks (before the workdir is created).
+    FileNotFoundError, ConnectionError, tf.errors.DataLossError: for data
+      that is missing, cannot be downloaded or is truncated (also before the
+      workdir is created; see `input_pipeline.load_split`).
     rundir.RunDirError: the workdir is in use, holds another run
       (`rundir.FingerprintMismatch`) or checkpoints that cannot be restored.
     FloatingPointError: when the loss is not finite; the last good checkpoint
@@ -301,11 +361,17 @@ def _training(config: config_dict.ConfigDict,
   distribute.check_batch_size(config.batch_size, strategy)
   image_shape = input_pipeline.check_images(
       input_pipeline.image_spec(config.dataset, data_dir=config.data_dir),
-      dataset=config.dataset, downsample=downsampling(config))
+      dataset=config.dataset)
+  check_num_levels(config, config.dataset, image_shape)
+  # The data before the workdir: a missing, offline or damaged dataset, or
+  # an eval_split it lacks, leaves no workdir behind.
+  train_split = _load(config, "train")
+  input_pipeline.check_split(config.eval_split, dataset=config.dataset,
+                             data_dir=config.data_dir,
+                             name="config.eval_split")
   print_ = fingerprint(config, image_shape)
   run_dir, stored = loop.open_run(workdir, print_)
   with run_dir:  # Releases the workdir's lock however training ends.
-    train_split = _load(config, "train")
     model, optimizer, checkpoints, step, variance = _restore_or_start(
         config, strategy, run_dir, stored, image_shape, train_split)
     logging.info("Training from step %d to %d on %d replica(s) (%s).", step,

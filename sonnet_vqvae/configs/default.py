@@ -65,8 +65,8 @@ def get_config() -> ml_collections.ConfigDict:
   # float32 is the default: bfloat16's test NMSE cost at the reference budget
   # has not been measured yet (README, "Precision").
   config.mixed_precision = ml_collections.config_dict.placeholder(str)
-  # "auto", "default" (one device), "mirrored", "replicator", "tpu" or
-  # "multi_worker".
+  # "auto", "default" (one device), "replicator", "tpu" or "multi_worker"
+  # (distribute.STRATEGIES).
   config.strategy = "auto"
 
   # Logging, checkpoints and evaluation.
