@@ -523,6 +523,10 @@ def _run(train_loop, *, run_dir, checkpoints, start_step, num_steps,
                _next_multiple(step, checkpoint_every))
     if steps_per_loop:
       stop = min(stop, step + steps_per_loop)
+    if step == 0:
+      # The first step gets a row of its own: curves start at step 1, also
+      # when num_steps <= log_every.
+      stop = 1
     out = tf.nest.map_structure(np.asarray, train_loop(stop - step))
     step += int(out["steps"])
     progress.update(int(out["steps"]))
@@ -538,15 +542,17 @@ def _run(train_loop, *, run_dir, checkpoints, start_step, num_steps,
     for k, v in out["sums"].items():
       sums[k] = sums.get(k, 0.) + float(v)
     count += int(out["steps"])
-    if step % log_every == 0 or step == num_steps:
+    if step % log_every == 0 or step == num_steps or step == 1:
       steps_per_sec = (step - window_first) / (time.time() - window_start)
       row = {k: v / count for k, v in sums.items()}
       row.update(step=step, steps_per_sec=steps_per_sec)
       run_dir.append_row(METRICS_FILE, row)
       write_scalars(writer, summary_prefix, row)
-      logging.info("step %d/%d %s %.2f steps/s ETA %.0fs", step, num_steps,
-                   describe(row), steps_per_sec,
-                   (num_steps - step) / steps_per_sec)
+      # The first window's rate includes tracing and compiling: no ETA yet.
+      eta = ("" if step == 1 else
+             f" ETA {(num_steps - step) / steps_per_sec:.0f}s")
+      logging.info("step %d/%d %s %.2f steps/s%s", step, num_steps,
+                   describe(row), steps_per_sec, eta)
       sums, count = {}, 0
       window_start, window_first = time.time(), step
     if (step % checkpoint_every == 0 or step == num_steps or

@@ -9,30 +9,41 @@ from matplotlib import figure
 import numpy as np
 
 
-def plot_curves(history: Sequence[Mapping[str, float]], path: str) -> None:
+def plot_curves(history: Sequence[Mapping[str, float]],
+                path: str) -> figure.Figure:
   """Training NMSE (log scale), perplexity and codes used against the step.
 
   Args:
     history: logged rows with keys step, recon_error, perplexity and
       codes_used (and codes_used_ema, when logged).
     path: PNG file to write.
+
+  Returns:
+    The figure written.
   """
   steps = [row["step"] for row in history]
+  # A short run logs a row or two: markers keep single points visible.
+  marker = "o" if len(steps) <= _MARKED_ROWS else None
   fig = figure.Figure(figsize=(16, 4))
   axes = fig.subplots(1, 3)
   for ax, key, title in ((axes[0], "recon_error", "NMSE"),
                          (axes[1], "perplexity",
                           "Average codebook usage (perplexity)"),
                          (axes[2], "codes_used", "Codes used")):
-    ax.plot(steps, _values(history, key), label="per batch")
+    ax.plot(steps, _values(history, key), label="per batch", marker=marker)
     ax.set_title(title)
     ax.set_xlabel("step")
   if all("codes_used_ema" in row for row in history):
     axes[2].plot(steps, _values(history, "codes_used_ema"),
-                 label="in the last ~70 steps (usage EMA)")
+                 label="in the last ~70 steps (usage EMA)", marker=marker)
     axes[2].legend()
   axes[0].set_yscale("log")
   fig.savefig(path)
+  return fig
+
+
+# Curves with at most this many points mark each of them.
+_MARKED_ROWS = 20
 
 
 def _values(history: Sequence[Mapping[str, float]], key: str) -> np.ndarray:
@@ -52,7 +63,8 @@ def _grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 
 def plot_reconstructions(originals: np.ndarray, reconstructions: np.ndarray,
-                         path: str, rows: int = 4, cols: int = 8) -> None:
+                         path: str, rows: int = 4, cols: int = 8,
+                         split: str = "test") -> figure.Figure:
   """Side-by-side grids of originals and their reconstructions.
 
   Args:
@@ -61,17 +73,22 @@ def plot_reconstructions(originals: np.ndarray, reconstructions: np.ndarray,
     path: PNG file to write.
     rows: grid rows.
     cols: grid columns.
+    split: the dataset split of `originals`, named in the titles.
+
+  Returns:
+    The figure written.
   """
   fig = figure.Figure(figsize=(16, 16 * rows / cols / 2 + 0.5))
   axes = fig.subplots(1, 2)
-  for ax, images, title in ((axes[0], originals, "validation originals"),
+  for ax, images, title in ((axes[0], originals, f"{split} originals"),
                             (axes[1], reconstructions,
-                             "validation reconstructions")):
+                             f"{split} reconstructions")):
     ax.imshow(_grid(np.asarray(images), rows, cols), interpolation="nearest")
     ax.set_title(title)
     ax.axis("off")
   fig.tight_layout()
   fig.savefig(path)
+  return fig
 
 
 def level_label(levels: int, num_levels: int) -> str:
@@ -83,7 +100,8 @@ def level_label(levels: int, num_levels: int) -> str:
 
 def plot_level_reconstructions(originals: np.ndarray,
                                top_decodes: Sequence[np.ndarray], path: str,
-                               cols: int = 8) -> None:
+                               cols: int = 8,
+                               split: str = "test") -> figure.Figure:
   """Rows of originals and their decodes from the top 1, 2, ..., L levels.
 
   Shows what each level of a VQ-VAE-2 adds: row k + 1 is decoded from the
@@ -95,6 +113,10 @@ def plot_level_reconstructions(originals: np.ndarray,
       top k levels of `originals`' codes, the last from all of them.
     path: PNG file to write.
     cols: images per row.
+    split: the dataset split of `originals`, named in the title.
+
+  Returns:
+    The figure written.
   """
   rows = [("original", originals)] + [
       (level_label(k, len(top_decodes)), images)
@@ -108,9 +130,10 @@ def plot_level_reconstructions(originals: np.ndarray,
     # A text artist, not a ylabel: axis("off") hides the labels.
     ax.text(-0.01, 0.5, label, transform=ax.transAxes, ha="right",
             va="center")
-  axes[0].set_title("validation images, decoded from the top levels alone")
+  axes[0].set_title(f"{split} images, decoded from the top levels alone")
   fig.tight_layout()
   fig.savefig(path)
+  return fig
 
 
 def plot_image_grid(images: np.ndarray, path: str, title: str) -> None:

@@ -578,22 +578,24 @@ def evaluate_and_plot(config: config_dict.ConfigDict,
       eval.json as null (the figures are then not drawn).
   """
   # .get: run.json configs written before eval_split existed.
-  test = _load(config, config.get("eval_split", "test"))
+  split = config.get("eval_split", "test")
+  test = _load(config, split)
   metrics, counts, (originals, recons) = _evaluate(
       model, input_pipeline.eval_dataset(test, config.eval_batch_size))
-  logging.info("Test: %s", metrics)
+  logging.info("%s split: %s", split.capitalize(), metrics)
   with rundir.RunDir(workdir) as run_dir:  # Its writer until the figures.
     loop.write_eval(run_dir, metrics)
     history = run_dir.read_rows(loop.METRICS_FILE)
     if history:
       plotting.plot_curves(history, run_dir.path("curves.png"))
     plotting.plot_reconstructions(originals, recons[0],
-                                  run_dir.path("reconstructions.png"))
+                                  run_dir.path("reconstructions.png"),
+                                  split=split)
     if len(recons) > 1:
       # Top 1 .. L - 1 levels, then all: the model's own reconstructions.
       plotting.plot_level_reconstructions(
           originals, recons[1:] + recons[:1],
-          run_dir.path("level_reconstructions.png"))
+          run_dir.path("level_reconstructions.png"), split=split)
     plotting.plot_codebook(model.quantizer.embeddings.numpy(), counts,
                            run_dir.path("codebook.png"))
   return metrics

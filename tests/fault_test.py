@@ -190,7 +190,7 @@ class IndexFileTest(absltest.TestCase):
       with open(path, "rb") as f:
         self.assertEqual(f.read(), content, path)
     self.assertEqual(_latest_step(workdir), 6)
-    self.assertEqual([r["step"] for r in _rows(workdir)], [2, 4, 6])
+    self.assertEqual([r["step"] for r in _rows(workdir)], [1, 2, 4, 6])
     self.assertNotEqual(open(os.path.join(workdir, "eval.json")).read(),
                         eval_before)
 
@@ -274,7 +274,7 @@ class MetricsRowsTest(absltest.TestCase):
       # half a row.
       f.write(json.dumps({"step": 6, "loss": 1.0}) + "\n{\"step\": 8, \"lo")
     _train(tiny.vqvae_config(num_steps=8, checkpoint_every=4), workdir)
-    self.assertEqual([r["step"] for r in _rows(workdir)], [2, 4, 6, 8])
+    self.assertEqual([r["step"] for r in _rows(workdir)], [1, 2, 4, 6, 8])
     with open(path) as f:
       for line in f:
         json.loads(line)  # Every line whole.
@@ -400,7 +400,7 @@ class ProcessFaultTest(absltest.TestCase):
     self.assertEqual(resumed.returncode, 0, resumed.stderr[-3000:])
     self.assertIn(f"Training from step {step} to {step + 2}", resumed.stderr)
     steps = [r["step"] for r in _rows(self.workdir)]
-    self.assertEqual(steps, list(range(2, step + 3, 2)))
+    self.assertEqual(steps, [1, *range(2, step + 3, 2)])
 
   def test_kills_at_random_moments_lose_nothing(self):
     """kill -9 during training, checkpointing, logging and evaluation."""

@@ -10,6 +10,7 @@ from sonnet_vqvae import distribute
 from sonnet_vqvae import hierarchical
 from sonnet_vqvae import networks
 from sonnet_vqvae import optim
+from sonnet_vqvae import plotting
 from sonnet_vqvae import precision
 from sonnet_vqvae import train
 import tiny
@@ -243,7 +244,7 @@ class TrainConfigTest(parameterized.TestCase):
         os.path.join(workdir, "level_reconstructions.png")))
     self.assertEqual(metrics["codes_used"], metrics["level1_codes_used"])
     rows = rundir.RunDir(workdir, writer=False).read_rows("metrics.jsonl")
-    self.assertEqual([r["step"] for r in rows], [2, 4, 6])
+    self.assertEqual([r["step"] for r in rows], [1, 2, 4, 6])
     self.assertIn("level0_perplexity", rows[-1])
     with open(os.path.join(workdir, "run.json")) as f:
       model = json.load(f)["fingerprint"]["model"]
@@ -266,8 +267,12 @@ class TrainConfigTest(parameterized.TestCase):
     config = tiny.vqvae_config(
         num_levels=3, level_num_embeddings=(8, 8, 16), num_steps=2,
         dataset="imagenet_resized/64x64", eval_split="validation")
-    with tfds.testing.mock_data(num_examples=8):
+    with tfds.testing.mock_data(num_examples=8), absltest.mock.patch.object(
+        plotting, "plot_reconstructions",
+        wraps=plotting.plot_reconstructions) as plot:
       metrics = train.train_and_evaluate(config, workdir)
+    # The figure names the split it shows.
+    self.assertEqual(plot.call_args.kwargs["split"], "validation")
     for level in range(3):
       self.assertIn(f"level{level}_codes_used", metrics)
     self.assertIn("top2_nmse", metrics)

@@ -225,8 +225,9 @@ class RunTest(absltest.TestCase):
         model = train.train(config, workdir)
       rows = rundir.RunDir(workdir, writer=False).read_rows(loop.METRICS_FILE)
       runs[per_loop] = (calls, rows, [v.numpy() for v in model.variables])
-    # Calls end at every log (3, 6) and checkpoint (2, 4, 6) step.
-    self.assertEqual(runs[None][0], [2, 1, 1, 2])
+    # Calls end at the first step, every log (3, 6) and checkpoint (2, 4, 6)
+    # step.
+    self.assertEqual(runs[None][0], [1, 1, 1, 1, 2])
     self.assertEqual(runs[1][0], [1] * 6)
     for (a, b) in zip(runs[None][1], runs[1][1]):
       a.pop("steps_per_sec"), b.pop("steps_per_sec")

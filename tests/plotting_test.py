@@ -6,7 +6,29 @@ import tempfile
 from absl.testing import absltest
 import numpy as np
 
+from sonnet_vqvae import loop
 from sonnet_vqvae import plotting
+from sonnet_vqvae import rundir
+
+
+class _Checkpoints:
+  """What `loop.run` asks of `rundir.Checkpoints`, without TF."""
+  directory = "checkpoints"
+
+  def __init__(self):
+    self.saved = []
+
+  def save(self, step):
+    self.saved.append(step)
+
+
+def _one_step_at_a_time(num_steps):
+  # A train loop (see `loop.make_loop`) whose loss is 1 / step.
+  _one_step_at_a_time.step += 1
+  loss = 1. / _one_step_at_a_time.step
+  return {"steps": np.int32(1), "finite": np.bool_(True),
+          "sums": {"recon_error": loss, "perplexity": 2., "codes_used": 3.},
+          "last": {"recon_error": loss}}
 
 
 class PlottingTest(absltest.TestCase):
@@ -80,6 +102,53 @@ class PlottingTest(absltest.TestCase):
       for path in paths:
         with open(path, "rb") as f:
           self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+  def test_run_shorter_than_log_every_has_curves_from_the_first_step(self):
+    with tempfile.TemporaryDirectory() as workdir, \
+        rundir.RunDir(workdir) as run_dir:
+      _one_step_at_a_time.step = 0
+      loop.run(_one_step_at_a_time, run_dir=run_dir,
+               checkpoints=_Checkpoints(), start_step=0, num_steps=3,
+               log_every=10, checkpoint_every=10, metadata={},
+               fingerprint={}, describe=lambda row: "")
+      rows = run_dir.read_rows(loop.METRICS_FILE)
+      self.assertEqual([r["step"] for r in rows], [1, 3])
+      # The first row is the first step's; the last the mean of steps 2, 3.
+      self.assertAlmostEqual(rows[0]["recon_error"], 1.)
+      self.assertAlmostEqual(rows[1]["recon_error"], (1 / 2 + 1 / 3) / 2)
+      fig = plotting.plot_curves(rows, os.path.join(workdir, "curves.png"))
+    for ax in fig.axes:
+      (line,) = ax.get_lines()
+      np.testing.assert_array_equal(line.get_xdata(), [1, 3])
+      self.assertTrue(np.isfinite(line.get_ydata()).all(), ax.get_title())
+
+  def test_a_single_row_is_a_visible_point(self):
+    with tempfile.TemporaryDirectory() as workdir:
+      fig = plotting.plot_curves(
+          [{"step": 4, "recon_error": 1.0, "perplexity": 2.0,
+            "codes_used": 2, "codes_used_ema": 2}],
+          os.path.join(workdir, "curves.png"))
+    lines = [line for ax in fig.axes for line in ax.get_lines()]
+    self.assertLen(lines, 4)
+    for line in lines:  # A line of one point draws nothing: a marker does.
+      self.assertNotIn(line.get_marker(), ("None", None, "", " "))
+      self.assertEqual(len(line.get_xdata()), 1)
+
+  def test_reconstruction_titles_name_the_split(self):
+    images = np.zeros([8, 4, 4, 3])
+    with tempfile.TemporaryDirectory() as workdir:
+      path = os.path.join(workdir, "r.png")
+      for split in ("test", "validation"):
+        fig = plotting.plot_reconstructions(images, images, path,
+                                            split=split)
+        self.assertEqual([ax.get_title() for ax in fig.axes],
+                         [f"{split} originals", f"{split} reconstructions"])
+        fig = plotting.plot_level_reconstructions(images, [images] * 2, path,
+                                                  split=split)
+        self.assertTrue(fig.axes[0].get_title().startswith(f"{split} images"))
+      self.assertEqual(
+          plotting.plot_reconstructions(images, images, path).axes[0]
+          .get_title(), "test originals")
 
   def test_level_labels(self):
     self.assertEqual([plotting.level_label(k, 3) for k in (1, 2, 3)],

@@ -137,7 +137,7 @@ class TrainOnCodesTest(parameterized.TestCase):
     self.assertLess(metrics["nll_nats_per_code"], 0.35 * math.log(_K))
     rows = rundir.RunDir(workdir, writer=False).read_rows(
         prior.loop.METRICS_FILE)
-    self.assertEqual([r["step"] for r in rows], list(range(10, 101, 10)))
+    self.assertEqual([r["step"] for r in rows], [1, *range(10, 101, 10)])
 
   def test_incompatible_checkpoint_is_error_and_workdir_kept(self):
     workdir = self.enter_context(tempfile.TemporaryDirectory())

@@ -46,13 +46,13 @@ class TrainTest(parameterized.TestCase):
     # One level: nothing to decode from the top alone.
     self.assertFalse(os.path.exists(
         os.path.join(self.workdir, "level_reconstructions.png")))
-    self.assertEqual([r["step"] for r in _rows(self.workdir)], [2, 4])
+    self.assertEqual([r["step"] for r in _rows(self.workdir)], [1, 2, 4])
     self.assertEqual(tf.train.latest_checkpoint(
         os.path.join(self.workdir, "checkpoints")).split("-")[-1], "4")
 
     # Same command with more steps resumes at 4 instead of starting afresh.
     _train(tiny_config(num_steps=6), self.workdir)
-    self.assertEqual([r["step"] for r in _rows(self.workdir)], [2, 4, 6])
+    self.assertEqual([r["step"] for r in _rows(self.workdir)], [1, 2, 4, 6])
 
     config, model = train.restore_model(self.workdir)
     self.assertEqual(config.num_steps, 6)
@@ -146,7 +146,7 @@ class TrainTest(parameterized.TestCase):
     _train(tiny_config(mixed_precision="float16"), self.workdir)
     self.assertIn("loss_scale", _rows(self.workdir)[-1])
     _train(tiny_config(mixed_precision="float16", num_steps=6), self.workdir)
-    self.assertEqual([r["step"] for r in _rows(self.workdir)], [2, 4, 6])
+    self.assertEqual([r["step"] for r in _rows(self.workdir)], [1, 2, 4, 6])
     reader = tf.train.load_checkpoint(
         os.path.join(self.workdir, "checkpoints"))
     self.assertTrue(any("loss_scale" in name
