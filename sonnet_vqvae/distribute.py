@@ -51,8 +51,9 @@ def check_strategy_name(name: str) -> None:
 # function TF 2.20 calls; the TPU build is reinstalled last because both
 # wheels write the same `tensorflow/` files.
 TENSORFLOW_TPU = "tensorflow-tpu==2.20.0"
-TPU_INSTALL = ('pip install "sonnet_vqvae[tpu]" && pip install '
-               f'--force-reinstall --no-deps {TENSORFLOW_TPU}')
+TPU_INSTALL = ('pip install ".[tpu]" in a checkout (or "sonnet_vqvae[tpu] @ '
+               'git+<repository URL>"), then pip install --force-reinstall '
+               f'--no-deps {TENSORFLOW_TPU} (docs/accelerators.md)')
 
 # Google's PCI vendor id and the device ids of its TPU chips (v2/v3, v4, v5p,
 # v5e, v6e), as /sys/bus/pci/devices/*/{vendor,device} spell them. TPU VMs

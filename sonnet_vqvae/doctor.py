@@ -260,8 +260,13 @@ def _data(batch_size: int):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # TF's C++ start-up lines and per-collective INFO lines say nothing about
+  # the checks; warnings (e.g. a TPU falling back) still show.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  logging.set_verbosity(logging.WARNING)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.get_logger().setLevel("WARNING")
   if _LOGICAL_CPUS.value:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     # Before TF initialises its runtime, which fixes the devices.
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
