@@ -230,9 +230,12 @@ class ExportTest(absltest.TestCase):
     images = _images(4, seed=1)
     got = layer(tf.constant(images))
     _, vqvae = train.restore_model(self.vqvae_dir)
-    np.testing.assert_array_equal(
-        np.asarray(got["codes"]),
-        vqvae.encode(images.astype(np.float32) / 255. - .5).numpy())
+    expected = vqvae.encode(images.astype(np.float32) / 255. - .5).numpy()
+    np.testing.assert_array_equal(np.asarray(got["codes"]), expected)
+    # In a functional model, as docs/export.md says: a uint8 keras.Input.
+    inputs = keras.Input(shape=(32, 32, 3), dtype="uint8")
+    model = keras.Model(inputs, layer(inputs)["codes"])
+    np.testing.assert_array_equal(model.predict(images, verbose=0), expected)
 
   def test_bad_inputs_are_clear_errors(self):
     loaded = tf.saved_model.load(self.path)
