@@ -295,7 +295,7 @@ def export_saved_model(workdir: str, output: str,
   """
   from sonnet_vqvae import prior as prior_lib  # pylint: disable=g-import-not-at-top
   _check_output(output)
-  stored = rundir.RunDir(workdir, writer=False).read_metadata(loop.RUN_FILE)
+  stored = loop.read_run(workdir)
   if stored is None:
     raise FileNotFoundError(
         f"No trained run in {workdir!r}: no {loop.RUN_FILE} (a VQ-VAE or "
@@ -308,8 +308,7 @@ def export_saved_model(workdir: str, output: str,
                        "pass --vqvae_workdir.")
     _, vqvae = prior_lib.restore_vqvae_of_prior(workdir, vqvae_workdir)
     _, prior = prior_lib.restore_prior(workdir)
-    image_shape = rundir.RunDir(vqvae_workdir, writer=False).read_metadata(
-        loop.RUN_FILE)["fingerprint"]["image_shape"]
+    image_shape = loop.read_run(vqvae_workdir)["fingerprint"]["image_shape"]
   else:
     _, vqvae = train.restore_model(workdir)
     image_shape = stored["fingerprint"]["image_shape"]

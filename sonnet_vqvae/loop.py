@@ -29,6 +29,9 @@ gracefully: the current loop call finishes, a checkpoint is written and
 """
 
 import contextlib
+import json
+import math
+import os
 import signal
 import sys
 import threading
@@ -83,10 +86,93 @@ def open_run(workdir: str, fingerprint: Mapping[str, Any]
   run_dir.lock()
   try:
     stored = run_dir.check_fingerprint(RUN_FILE, dict(fingerprint))
+    if stored is not None:
+      check_run(stored, run_dir.path(RUN_FILE))
   except Exception:
     run_dir.close()
     raise
   return run_dir, stored
+
+
+def read_run(workdir: str) -> Optional[dict]:
+  """The run metadata (run.json) of `workdir`, checked; None if absent.
+
+  Reads only (no lock). The fields every reader uses are checked here, so
+  that an edited or foreign file is one error naming it and the field, not a
+  TypeError deep inside a restore.
+
+  Raises:
+    rundir.RunDirError: the file is not valid JSON, or a field is missing or
+      not what it must be (see `check_run`).
+  """
+  stored = rundir.RunDir(workdir, writer=False).read_metadata(RUN_FILE)
+  if stored is not None:
+    check_run(stored, os.path.join(workdir, RUN_FILE))
+  return stored
+
+
+def check_run(stored: Any, path: str) -> None:
+  """Checks the fields of a VQ-VAE's or a prior's run metadata.
+
+  Every run: `fingerprint` and `config` objects. A VQ-VAE's: a positive
+  finite `data_variance` and an `image_shape` of three positive ints. A
+  prior's (its fingerprint has `num_embeddings`): `num_embeddings` a positive
+  int or a list of them, `code_shape` a list, `vqvae` null or its `step` and
+  `codebook_sha256`, and `vqvae_workdir` (if present) a string.
+
+  Raises:
+    rundir.RunDirError: naming `path`, the field, its value and what it must
+      be.
+  """
+  def fail(field, value, must):
+    found = ("is missing" if value is rundir.ABSENT else
+             f"is {json.dumps(value)}")
+    raise rundir.RunDirError(
+        f"{path}: {field} {found}; it must be {must}. Another program or an "
+        "edit changed it: fix it, or restore the file from a copy.")
+
+  def get(mapping, key):
+    return mapping.get(key, rundir.ABSENT)
+
+  def positive_int(value):
+    return (isinstance(value, int) and not isinstance(value, bool) and
+            value > 0)
+
+  if not isinstance(stored, dict):
+    fail("the file", stored, "a JSON object")
+  for field in ("fingerprint", "config"):
+    if not isinstance(get(stored, field), dict):
+      fail(f'"{field}"', get(stored, field), "an object")
+  print_ = stored["fingerprint"]
+  if "num_embeddings" not in print_:  # A VQ-VAE's run.
+    variance = get(stored, "data_variance")
+    if not (isinstance(variance, (int, float)) and
+            not isinstance(variance, bool) and math.isfinite(variance) and
+            variance > 0):
+      fail('"data_variance"', variance, "a positive finite number")
+    shape = get(print_, "image_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and
+            all(map(positive_int, shape))):
+      fail('"fingerprint.image_shape"', shape,
+           "[height, width, channels], three positive ints")
+    return
+  sizes = print_["num_embeddings"]
+  if not (positive_int(sizes) or (isinstance(sizes, list) and sizes and
+                                  all(map(positive_int, sizes)))):
+    fail('"fingerprint.num_embeddings"', sizes,
+         "a positive int or a list of them")
+  if not isinstance(get(print_, "code_shape"), list):
+    fail('"fingerprint.code_shape"', get(print_, "code_shape"), "a list")
+  vqvae = get(print_, "vqvae")
+  if vqvae is not None and not (
+      isinstance(vqvae, dict) and isinstance(vqvae.get("step"), int) and
+      not isinstance(vqvae["step"], bool) and vqvae["step"] >= 0 and
+      isinstance(vqvae.get("codebook_sha256"), str)):
+    fail('"fingerprint.vqvae"', vqvae,
+         'null or {"step": int, "codebook_sha256": str}')
+  workdir = get(stored, "vqvae_workdir")
+  if workdir is not rundir.ABSENT and not isinstance(workdir, str):
+    fail('"vqvae_workdir"', workdir, "a path")
 
 
 def checkpoints_of(run_dir: rundir.RunDir, checkpoint: tf.train.Checkpoint,

@@ -13,6 +13,9 @@ runs top-down.
 
   python -m sonnet_vqvae.prior --vqvae_workdir DIR --workdir DIR2
   python -m sonnet_vqvae.prior --vqvae_workdir DIR --workdir DIR2 --mode=sample
+
+Once a prior's workdir holds its run, `--workdir DIR2` alone resumes it (its
+config and VQ-VAE workdir are in its run.json).
 """
 
 import hashlib
@@ -533,7 +536,7 @@ def restore_prior(workdir: str, num_embeddings: Optional[NumEmbeddings] = None
 
 
 def _prior_run(workdir: str) -> Dict[str, Any]:
-  stored = rundir.RunDir(workdir, writer=False).read_metadata(loop.RUN_FILE)
+  stored = loop.read_run(workdir)
   if stored is None or "num_embeddings" not in stored["fingerprint"]:
     raise FileNotFoundError(
         f"No trained prior in {workdir!r} (no prior {loop.RUN_FILE}); train "
@@ -656,26 +659,53 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   try:
-    validate_config(FLAGS.config)
-  except ValueError as e:  # A bad --config value: one line, no traceback.
-    sys.exit(f"prior: {e}")
+    # `prior --workdir W` alone resumes W's stored config and VQ-VAE.
+    stored = _stored_prior_run(FLAGS.workdir)
+    config = configs.for_run(FLAGS["config"], stored and stored["config"],
+                             os.path.join(FLAGS.workdir, loop.RUN_FILE))
+    validate_config(config)
+  except (ValueError, rundir.RunDirError) as e:
+    sys.exit(f"prior: {e}")  # A bad config or run.json: one line.
+  vqvae_workdir = FLAGS.vqvae_workdir or (stored or {}).get("vqvae_workdir")
+  if not vqvae_workdir:
+    sys.exit(f"prior: --vqvae_workdir is needed: {FLAGS.workdir} holds no "
+             "prior run that records its VQ-VAE.")
   run = train_prior if FLAGS.mode == "train" else sample
   with loop.exit_when_stopped("prior"):
-    run(FLAGS.config, FLAGS.vqvae_workdir, FLAGS.workdir)
+    run(config, vqvae_workdir, FLAGS.workdir)
+
+
+def _stored_prior_run(workdir: str) -> Optional[Dict[str, Any]]:
+  """The prior run stored in `workdir`, None if there is none (or another)."""
+  stored = loop.read_run(workdir)
+  if stored is None or "num_embeddings" not in stored["fingerprint"]:
+    return None  # A VQ-VAE's workdir fails later, naming the difference.
+  return stored
 
 
 def _define_flags():
   # Only when run as a program, so importing this module next to others that
   # define a --workdir never defines a flag twice.
-  flags.DEFINE_string("vqvae_workdir", None, "Trained VQ-VAE workdir.",
-                      required=True)
+  flags.DEFINE_string(
+      "vqvae_workdir", None,
+      "Trained VQ-VAE workdir; by default the one the prior in --workdir "
+      "was trained on.")
   flags.DEFINE_string("workdir", None, "Prior workdir.", required=True)
   flags.DEFINE_enum("mode", "train", ["train", "sample"],
                     "train: fit and evaluate the prior; sample: write a PNG.")
-  config_flags.DEFINE_config_dict("config", prior_config.get_config())
+  config_flags.DEFINE_config_file(
+      "config",
+      os.path.join(os.path.dirname(__file__), "configs", "prior.py"),
+      "Prior configuration: a preset's name (prior) or a file's path. "
+      "Without it, a workdir holding a prior run resumes its config, with "
+      "the --config.key=value overrides given.", lock_config=True)
 
 
 if __name__ == "__main__":
+  try:  # --config=prior: a preset by name, from any directory.
+    sys.argv = configs.resolve_config_flag(sys.argv)
+  except ValueError as e:
+    sys.exit(f"prior: {e}")
   configs.exit_on_unknown_override(sys.argv, "config",
                                    prior_config.get_config())
   _define_flags()

@@ -617,11 +617,11 @@ def restore_model(workdir: str, step: Optional[int] = None
     rundir.RunDirError: when the checkpoint cannot be restored.
   """
   run_dir = rundir.RunDir(workdir, writer=False)
-  stored = run_dir.read_metadata(loop.RUN_FILE)
-  if stored is None:
+  stored = loop.read_run(workdir)
+  if stored is None or "num_embeddings" in stored["fingerprint"]:
     raise FileNotFoundError(
-        f"No trained run in {workdir!r}: no {loop.RUN_FILE} (it is written "
-        "with the first checkpoint of `python -m sonnet_vqvae.train "
+        f"No trained VQ-VAE in {workdir!r}: no VQ-VAE {loop.RUN_FILE} (it is "
+        "written with the first checkpoint of `python -m sonnet_vqvae.train "
         "--workdir DIR`).")
   config = config_dict.ConfigDict(stored["config"])
   model, optimizer = create_model_and_optimizer(
@@ -650,11 +650,16 @@ def main(argv: Sequence[str]) -> None:
       evaluate_and_plot(config, model, workdir)
   else:
     try:
-      validate_config(flags.FLAGS.config)
-    except ValueError as e:  # A bad --config value: one line, no traceback.
-      sys.exit(f"train: {e}")
+      # `train --workdir W` alone resumes W's stored config.
+      stored = loop.read_run(workdir)
+      config = configs.for_run(flags.FLAGS["config"],
+                               stored and stored["config"],
+                               os.path.join(workdir, loop.RUN_FILE))
+      validate_config(config)
+    except (ValueError, rundir.RunDirError) as e:
+      sys.exit(f"train: {e}")  # A bad config or run.json: one line.
     with loop.exit_when_stopped("train"):
-      train_and_evaluate(flags.FLAGS.config, workdir)
+      train_and_evaluate(config, workdir)
 
 
 if __name__ == "__main__":
@@ -665,9 +670,16 @@ if __name__ == "__main__":
       "mode", "train", ["train", "evaluate"],
       "train: train (or resume) then evaluate; evaluate: evaluate and plot "
       "the latest checkpoint of --workdir.")
+  try:  # --config=vqvae2: a preset by name, from any directory.
+    sys.argv = configs.resolve_config_flag(sys.argv)
+  except ValueError as e:
+    sys.exit(f"train: {e}")
   configs.exit_on_unknown_override(sys.argv, "config", default.get_config())
   config_flags.DEFINE_config_file(
       "config",
       os.path.join(os.path.dirname(__file__), "configs", "default.py"),
-      "Training configuration.", lock_config=True)
+      "Training configuration: a preset's name (default, vqvae2) or a "
+      "file's path. Without it, a workdir holding a run resumes that run's "
+      "config, with the --config.key=value overrides given.",
+      lock_config=True)
   app.run(main)

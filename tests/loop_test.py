@@ -1,5 +1,6 @@
 """The compiled train loop: many steps per call, XLA, the guard, the choice."""
 
+import json
 import os
 import signal
 import tempfile
@@ -14,8 +15,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from sonnet_vqvae import distribute
+from sonnet_vqvae import export
 from sonnet_vqvae import loop
 from sonnet_vqvae import precision
+from sonnet_vqvae import prior
 from sonnet_vqvae import rundir
 from sonnet_vqvae import train
 import tiny
@@ -323,6 +326,72 @@ class GracefulStopTest(parameterized.TestCase):
                                             signal.SIG_DFL))
     self.assertEqual({s: signal.getsignal(s) for s in loop.STOP_SIGNALS},
                      before)  # Put back.
+
+
+def _vqvae_run(**changes):
+  """A VQ-VAE's run.json as `train` writes it, with `changes` at top level."""
+  config = tiny.vqvae_config()
+  stored = {"fingerprint": train.fingerprint(config, [32, 32, 3]),
+            "config": config.to_dict(), "data_variance": 0.06}
+  stored.update(changes)
+  return stored
+
+
+class RunFileTest(parameterized.TestCase):
+  """run.json fields are checked on read: one error naming file and field."""
+
+  def _write(self, stored):
+    workdir = tempfile.mkdtemp()
+    with open(os.path.join(workdir, loop.RUN_FILE), "w") as f:
+      json.dump(stored, f)
+    return workdir, os.path.join(workdir, loop.RUN_FILE)
+
+  @parameterized.named_parameters(
+      ("variance_text", dict(data_variance="abc"),
+       '"data_variance" is "abc"; it must be a positive finite number'),
+      ("variance_missing", dict(data_variance=None),
+       '"data_variance" is null'),
+      ("config_missing", dict(config=None), '"config" is null'),
+      ("shape", dict(fingerprint={"image_shape": [32, "x", 3]}),
+       '"fingerprint.image_shape" is \\[32, "x", 3\\]'))
+  def test_every_reader_names_the_file_and_field(self, changes, message):
+    workdir, path = self._write(_vqvae_run(**changes))
+    pattern = f"^{path}: {message}"
+    for read in (loop.read_run, train.restore_model,
+                 lambda w: export.export_saved_model(w, w + "_export")):
+      with self.assertRaisesRegex(rundir.RunDirError, pattern):
+        read(workdir)
+    # The trainer, under its lock, before any work.
+    with self.assertRaisesRegex(rundir.RunDirError, pattern):
+      loop.open_run(workdir, json.load(open(path))["fingerprint"])
+
+  def test_a_missing_key_is_named(self):
+    stored = _vqvae_run()
+    del stored["data_variance"]
+    workdir, path = self._write(stored)
+    with self.assertRaisesRegex(
+        rundir.RunDirError, f'^{path}: "data_variance" is missing'):
+      train.restore_model(workdir)
+
+  def test_prior_fields(self):
+    stored = {"fingerprint": {"model": {}, "num_embeddings": [4, "5"],
+                              "code_shape": [[2, 2], [4, 4]], "vqvae": None},
+              "config": tiny.prior_config().to_dict()}
+    workdir, path = self._write(stored)
+    with self.assertRaisesRegex(
+        rundir.RunDirError,
+        f'^{path}: "fingerprint.num_embeddings" is \\[4, "5"\\]'):
+      prior.restore_prior(workdir)
+    stored["fingerprint"].update(num_embeddings=[4, 5], vqvae={"step": 3})
+    workdir, path = self._write(stored)
+    with self.assertRaisesRegex(rundir.RunDirError,
+                                f'^{path}: "fingerprint.vqvae"'):
+      prior.restore_prior(workdir)
+
+  def test_a_valid_file_reads(self):
+    workdir, _ = self._write(_vqvae_run())
+    self.assertEqual(loop.read_run(workdir)["data_variance"], 0.06)
+    self.assertIsNone(loop.read_run(tempfile.mkdtemp()))
 
 
 class ConfigTest(parameterized.TestCase):

@@ -27,6 +27,15 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 _tiny_config = tiny.prior_config
 
+# The prior's CLI on tfds mock data (it encodes the VQ-VAE's dataset).
+_PRIOR_CLI = """
+import runpy, sys
+import tensorflow_datasets as tfds
+sys.argv[0] = "sonnet_vqvae.prior"
+with tfds.testing.mock_data(num_examples=16):
+  runpy.run_module("sonnet_vqvae.prior", run_name="__main__")
+"""
+
 
 def _constant_grids(num, seed):
   """Grids repeating one code: only the first code of a grid is uncertain."""
@@ -218,15 +227,29 @@ class EndToEndTest(absltest.TestCase):
     config = _tiny_config(num_samples=4, sample_label=2)
     path = prior.sample(config, vqvae_dir, prior_dir)
     self.assertEqual(path, os.path.join(prior_dir, "prior_samples_class2.png"))
-    # The command line: sampling needs no data, only the two workdirs.
+    # The command line, from another directory: sampling needs no data, and
+    # the prior's workdir alone (its run.json names the VQ-VAE's).
+    repo = os.path.dirname(os.path.dirname(prior.__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [repo, os.path.join(repo, "tests"), os.environ.get("PYTHONPATH", "")]))
+    elsewhere = self.enter_context(tempfile.TemporaryDirectory())
     subprocess.run(
         [sys.executable, "-m", "sonnet_vqvae.prior", "--mode=sample",
-         f"--vqvae_workdir={vqvae_dir}", f"--workdir={prior_dir}",
-         "--config.num_samples=3"],
-        check=True, cwd=os.path.dirname(os.path.dirname(prior.__file__)))
+         "--config=prior", f"--workdir={prior_dir}", "--config.num_samples=3",
+         "--config.sample_label=-1"],
+        check=True, cwd=elsewhere, env=env)
     for name in ("prior_samples_class2.png", "prior_samples.png"):
       with open(os.path.join(prior_dir, name), "rb") as f:
         self.assertEqual(f.read(8), _PNG_MAGIC)
+    # Resuming the training: the stored config, only num_steps given.
+    resumed = subprocess.run(
+        [sys.executable, "-c", _PRIOR_CLI, f"--workdir={prior_dir}",
+         "--config.num_steps=6"],
+        cwd=elsewhere, env=env, capture_output=True, text=True)
+    self.assertEqual(resumed.returncode, 0, resumed.stderr[-3000:])
+    self.assertIn("Training the prior from step 4 to 6", resumed.stderr)
+    with open(os.path.join(prior_dir, "eval.json")) as f:
+      self.assertEqual(json.load(f)["step"], 6)
 
 
 if __name__ == "__main__":

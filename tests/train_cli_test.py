@@ -126,6 +126,38 @@ class TrainCliTest(absltest.TestCase):
                   "got 'fast'.", bad.stderr)
     self.assertNotIn("Traceback", bad.stderr)
 
+  def test_presets_by_name_and_resume_with_the_workdir_alone(self):
+    elsewhere = tempfile.mkdtemp()  # Not the repository root.
+
+    def run(*args):
+      return subprocess.run(
+          [sys.executable, "-c", _CLI, f"--workdir={self.workdir}", *args],
+          env=_env(), cwd=elsewhere, capture_output=True, text=True,
+          timeout=300)
+
+    first = run("--config=default", *_TINY, "--config.num_steps=2")
+    self.assertEqual(first.returncode, 0, first.stderr[-3000:])
+    # The stored config, the new num_steps: no other flag retyped.
+    resumed = run("--config.num_steps=4")
+    self.assertEqual(resumed.returncode, 0, resumed.stderr[-3000:])
+    self.assertIn("Training from step 2 to 4", resumed.stderr)
+    self.assertEqual(_latest_step(self.workdir), 4)
+    with open(os.path.join(self.workdir, "run.json")) as f:
+      config = json.load(f)["config"]
+    self.assertEqual((config["num_steps"], config["num_hiddens"]), (4, 16))
+    # An override of what the checkpoints depend on is refused.
+    other = run("--config.num_embeddings=8")
+    self.assertNotEqual(other.returncode, 0)
+    self.assertIn("model.num_embeddings: 16 in", other.stderr)
+    self.assertEqual(_latest_step(self.workdir), 4)
+    unknown = run("--config=vqvae3")
+    self.assertNotEqual(unknown.returncode, 0)
+    self.assertEqual(unknown.stderr.strip().splitlines()[-1],
+                     "train: --config=vqvae3: no such file, and no preset of "
+                     "that name (presets: default, prior, vqvae2). Pass a "
+                     "preset's name, e.g. --config=vqvae2, or the path of a "
+                     "config file.")
+
   def test_two_workers_train_identical_models(self):
     ports = [_free_port(), _free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
