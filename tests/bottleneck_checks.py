@@ -15,6 +15,7 @@ import textwrap
 from typing import Callable, Sequence
 
 import numpy as np
+import pytest
 import sonnet as snt
 import tensorflow as tf
 
@@ -191,3 +192,30 @@ def check_saved_model(test, bottleneck: snt.Module, batch: np.ndarray):
   np.testing.assert_allclose(got["decoded"], bottleneck.quantize(codes),
                              rtol=1e-6, atol=1e-6)
   test.assertEqual(got["indices"].shape, codes.shape)
+
+
+class StandardChecks:
+  """The checks above as tests: mix into a TestCase that defines `make()`
+  (a fresh module) and `BATCHES` (a few equal-shaped float32 batches)."""
+
+  BATCHES: Sequence[np.ndarray] = ()
+
+  def make(self) -> snt.Module:
+    raise NotImplementedError
+
+  def test_output_keys(self):
+    out = self.make()(self.BATCHES[0], is_training=True)
+    check_common_keys(self, out, list(self.BATCHES[0].shape), tf.float32)
+
+  def test_xla(self):
+    check_xla_equals_eager(self.make, self.BATCHES)
+
+  def test_replicas(self):
+    check_replicas_equal_one_device(self, self.make, self.BATCHES)
+
+  def test_bfloat16(self):
+    check_bfloat16(self, self.make, self.BATCHES[0])
+
+  @pytest.mark.slow
+  def test_saved_model(self):
+    check_saved_model(self, self.make(), self.BATCHES[0])

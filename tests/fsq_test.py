@@ -147,25 +147,10 @@ _BATCHES = [np.random.RandomState(s).randn(4, 3, 3).astype(np.float32) * 2
             for s in range(3)]
 
 
-class FiniteScalarQuantizerStrategyTest(parameterized.TestCase):
+class FiniteScalarQuantizerStrategyTest(bottleneck_checks.StandardChecks,
+                                        parameterized.TestCase):
 
-  def _make(self):
+  BATCHES = _BATCHES
+
+  def make(self):
     return fsq.FiniteScalarQuantizer((3, 4, 2), usage_decay=0.9)
-
-  def test_output_keys(self):
-    out = self._make()(_BATCHES[0], is_training=True)
-    bottleneck_checks.check_common_keys(self, out, [4, 3, 3], tf.float32)
-
-  def test_xla(self):
-    bottleneck_checks.check_xla_equals_eager(self._make, _BATCHES)
-
-  def test_replicas(self):
-    bottleneck_checks.check_replicas_equal_one_device(self, self._make,
-                                                      _BATCHES)
-
-  def test_bfloat16(self):
-    bottleneck_checks.check_bfloat16(self, self._make, _BATCHES[0])
-
-  @pytest.mark.slow
-  def test_saved_model(self):
-    bottleneck_checks.check_saved_model(self, self._make(), _BATCHES[0])

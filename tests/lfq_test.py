@@ -173,21 +173,13 @@ _BATCHES = [np.random.RandomState(s).randn(4, 3, 3).astype(np.float32)
             for s in range(3)]
 
 
-class LookupFreeQuantizerStrategyTest(parameterized.TestCase):
+class LookupFreeQuantizerStrategyTest(bottleneck_checks.StandardChecks,
+                                      parameterized.TestCase):
 
-  def _make(self):
+  BATCHES = _BATCHES
+
+  def make(self):
     return lfq.LookupFreeQuantizer(3, usage_decay=0.9, temperature=0.5)
-
-  def test_output_keys(self):
-    out = self._make()(_BATCHES[0], is_training=True)
-    bottleneck_checks.check_common_keys(self, out, [4, 3, 3], tf.float32)
-
-  def test_xla(self):
-    bottleneck_checks.check_xla_equals_eager(self._make, _BATCHES)
-
-  def test_replicas(self):
-    bottleneck_checks.check_replicas_equal_one_device(self, self._make,
-                                                      _BATCHES)
 
   @parameterized.parameters(False, True)
   def test_replicas_entropies_and_gradients_are_global(self, factorized):
@@ -229,10 +221,3 @@ class LookupFreeQuantizerStrategyTest(parameterized.TestCase):
     np.testing.assert_allclose(
         np.concatenate(strategy.experimental_local_results(grads)),
         expected_grad, rtol=1e-5, atol=1e-7)
-
-  def test_bfloat16(self):
-    bottleneck_checks.check_bfloat16(self, self._make, _BATCHES[0])
-
-  @pytest.mark.slow
-  def test_saved_model(self):
-    bottleneck_checks.check_saved_model(self, self._make(), _BATCHES[0])

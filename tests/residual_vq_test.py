@@ -253,11 +253,17 @@ _BATCHES = [np.random.RandomState(s).randn(4, 3, 4).astype(np.float32)
             for s in range(3)]
 
 
-class ResidualVectorQuantizerStrategyTest(parameterized.TestCase):
+class ResidualVectorQuantizerStrategyTest(bottleneck_checks.StandardChecks,
+                                         parameterized.TestCase):
+
+  BATCHES = _BATCHES
+
+  def make(self):
+    return _make(num_stages=2)
 
   def test_output_keys(self):
+    super().test_output_keys()
     out = _make()(_BATCHES[0], is_training=True)
-    bottleneck_checks.check_common_keys(self, out, [4, 3, 4], tf.float32)
     self.assertEqual(out["encoding_indices"].shape, [4, 3, 3])
     for key in ("stage_perplexity", "stage_codes_used",
                 "stage_codes_used_ema"):
@@ -286,10 +292,6 @@ class ResidualVectorQuantizerStrategyTest(parameterized.TestCase):
     np.testing.assert_allclose(rvq.quantize(out["encoding_indices"]),
                                out["quantize"], rtol=1e-5, atol=1e-5)
 
-  def test_replicas(self):
-    bottleneck_checks.check_replicas_equal_one_device(
-        self, lambda: _make(num_stages=2), _BATCHES)
-
   @pytest.mark.slow
   def test_replicas_with_dropout_hold_the_same_state(self):
     strategy = bottleneck_checks.two_replicas()
@@ -312,10 +314,3 @@ class ResidualVectorQuantizerStrategyTest(parameterized.TestCase):
     for variable in rvq.variables:
       first, second = strategy.experimental_local_results(variable)
       np.testing.assert_array_equal(first, second, err_msg=variable.name)
-
-  def test_bfloat16(self):
-    bottleneck_checks.check_bfloat16(self, _make, _BATCHES[0])
-
-  @pytest.mark.slow
-  def test_saved_model(self):
-    bottleneck_checks.check_saved_model(self, _make(), _BATCHES[0])
