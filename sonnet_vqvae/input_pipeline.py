@@ -208,6 +208,50 @@ def check_files(builder: tfds.core.DatasetBuilder, dataset: str) -> None:
           f"truncated (an interrupted copy or download?). {again}")
 
 
+@contextlib.contextmanager
+def naming_corrupt_files(split: str, *, dataset: str,
+                         data_dir: Optional[str] = None) -> Iterator[None]:
+  """Re-raises a DataLossError from reading `split` naming its bad file.
+
+  TensorFlow's error says only "corrupted record at <offset>". On that error
+  (only then) each of the split's files is read once to find the first one
+  that does not read whole, and the error names it and what to do.
+
+  Args:
+    split: the split the body reads, e.g. "train" or "test[:10%]".
+    dataset: tfds dataset name.
+    data_dir: directory of prepared tfds datasets (tfds' default when None).
+
+  Yields:
+    None.
+  """
+  try:
+    yield
+  except tf.errors.DataLossError as e:
+    builder = _builder(dataset, data_dir)
+    names = [part.split("[")[0].strip() for part in split.split("+")]
+    paths = [os.fspath(p) for name in names if name in builder.info.splits
+             for p in builder.info.splits[name].filepaths]
+    bad = next((p for p in paths if not _reads_whole(p)), None)
+    where = (repr(bad) if bad else
+             f"one of the files of {dataset!r}'s {split!r} split")
+    cause = " ".join(e.message.split()).split("[Op:")[0].strip()
+    raise tf.errors.DataLossError(
+        e.node_def, e.op,
+        f"{where} is corrupt ({cause}). Prepare {dataset!r} again: delete "
+        f"{os.fspath(builder.data_dir)!r} and run with download=True, or "
+        "copy the whole folder again.") from e
+
+
+def _reads_whole(path: str) -> bool:
+  """Whether every record of the tfrecord `path` reads with a valid CRC."""
+  try:
+    tf.data.TFRecordDataset(path).reduce(0, lambda n, _: n + 1)
+  except tf.errors.DataLossError:
+    return False
+  return True
+
+
 def _download_and_prepare(builder: tfds.core.DatasetBuilder,
                           dataset: str) -> None:
   """Downloads and prepares `builder`'s data, failing fast when offline.

@@ -129,9 +129,11 @@ def encode_split(vqvae: snt.Module, split: str, *, batch_size: int,
   encode = tf.function(vqvae.encode, input_signature=[tf.TensorSpec(
       [None, *batches.element_spec["image"].shape[1:]], tf.float32)])
   codes, labels = [], []
-  for batch in batches:
-    codes.append([c.numpy() for c in _levels(encode(batch["image"]))])
-    labels.append(batch["label"].numpy())
+  with input_pipeline.naming_corrupt_files(split, dataset=dataset,
+                                           data_dir=data_dir):
+    for batch in batches:
+      codes.append([c.numpy() for c in _levels(encode(batch["image"]))])
+      labels.append(batch["label"].numpy())
   levels = tuple(np.concatenate(level).astype(np.int32)
                  for level in zip(*codes))
   return {"codes": levels if len(levels) > 1 else levels[0],

@@ -420,7 +420,9 @@ def _restore_or_start(config, strategy, run_dir, stored, image_shape,
   if stored is not None:
     variance = stored["data_variance"]
   else:
-    variance = input_pipeline.data_variance(train_split)
+    with input_pipeline.naming_corrupt_files(
+        "train", dataset=config.dataset, data_dir=config.data_dir):
+      variance = input_pipeline.data_variance(train_split)
   model, optimizer = create_model_and_optimizer(config, variance, strategy,
                                                 image_shape)
   checkpoint = tf.train.Checkpoint(
@@ -580,8 +582,10 @@ def evaluate_and_plot(config: config_dict.ConfigDict,
   # .get: run.json configs written before eval_split existed.
   split = config.get("eval_split", "test")
   test = _load(config, split)
-  metrics, counts, (originals, recons) = _evaluate(
-      model, input_pipeline.eval_dataset(test, config.eval_batch_size))
+  with input_pipeline.naming_corrupt_files(split, dataset=config.dataset,
+                                           data_dir=config.data_dir):
+    metrics, counts, (originals, recons) = _evaluate(
+        model, input_pipeline.eval_dataset(test, config.eval_batch_size))
   logging.info("%s split: %s", split.capitalize(), metrics)
   with rundir.RunDir(workdir) as run_dir:  # Its writer until the figures.
     loop.write_eval(run_dir, metrics)

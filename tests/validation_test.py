@@ -200,6 +200,20 @@ class DataTest(_WorkdirTest):
         caught.exception.message, repr(self.test_file), "'test' split",
         "truncated", "Prepare 'tiny_cifar' again")
 
+  def test_corrupt_record_names_its_file(self):
+    train_file = os.path.join(self.files,
+                              "tiny_cifar-train.tfrecord-00000-of-00001")
+    with open(train_file, "r+b") as f:  # Same size: a CRC mismatch.
+      f.seek(5000)
+      f.write(b"\xff" * 50)
+    with self.assertRaises(tf.errors.DataLossError) as caught:
+      self._train()
+    message = caught.exception.message
+    self.assertNotIn("\n", message)
+    for part in (repr(train_file), "is corrupt", "corrupted record at",
+                 "Prepare 'tiny_cifar' again"):
+      self.assertIn(part, message)
+
   def test_missing_test_file(self):
     os.remove(self.test_file)
     with self.assertRaises(FileNotFoundError) as caught:
