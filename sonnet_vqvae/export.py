@@ -44,6 +44,7 @@ The loaded object also holds `image_shape`, `code_shape` and
 `num_embeddings` (int32 variables; a VQ-VAE-2's: [L, 2] and [L], top first).
 """
 
+import glob
 import os
 import shutil
 import sys
@@ -327,6 +328,7 @@ def write(module: Exported, output: str) -> None:
   """
   _check_output(output)
   output = output.rstrip("/")
+  _remove_debris(output)
   staging = f"{output}.export-{os.getpid()}"
   try:
     tf.saved_model.save(module, staging, signatures=module.signatures())
@@ -334,6 +336,31 @@ def write(module: Exported, output: str) -> None:
   finally:
     if os.path.exists(staging):
       shutil.rmtree(staging)
+
+
+def _remove_debris(output: str) -> None:
+  """Removes the staging folders killed exports of `output` left beside it.
+
+  `write` stages into OUTPUT.export-<pid>; a kill -9 leaves it behind. One
+  whose process is gone is removed; one of a live process (an export
+  running now) is left alone.
+  """
+  for path in glob.glob(glob.escape(output) + ".export-*"):
+    pid = path.rsplit("-", 1)[1]
+    if not pid.isdigit() or _is_running(int(pid)):
+      continue
+    logging.warning("Removing %s, left by an export that was killed.", path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _is_running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)  # Signal 0 only checks that the process exists.
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # Another user's.
+  return True
 
 
 def main(argv: Sequence[str]) -> None:

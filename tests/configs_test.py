@@ -1,6 +1,8 @@
 """Tests for sonnet_vqvae.configs: unknown keys are named with the nearest."""
 
+import inspect
 import os
+import re
 import sys
 import tempfile
 from unittest import mock
@@ -10,6 +12,7 @@ from absl.testing import absltest
 from ml_collections import config_flags
 
 from sonnet_vqvae import configs
+from sonnet_vqvae import distribute
 from sonnet_vqvae.configs import default
 from sonnet_vqvae.configs import prior
 
@@ -63,6 +66,21 @@ class UnknownOverrideTest(absltest.TestCase):
                                        "config", default.get_config())
     configs.exit_on_unknown_override(["prog", "--config.num_steps=3"],
                                      "config", default.get_config())
+
+class CommentsTest(absltest.TestCase):
+
+  def test_strategy_comments_list_what_validation_takes(self):
+    for module in (default, prior):
+      source = inspect.getsource(module.get_config).split("\n")
+      line = next(i for i, l in enumerate(source)
+                  if "config.strategy =" in l)
+      comment = []
+      while source[line - 1].strip().startswith("#"):
+        line -= 1
+        comment.append(source[line])
+      self.assertEqual(set(re.findall(r'"(\w+)"', "".join(comment))),
+                       set(distribute.STRATEGIES), module.__name__)
+
 
 class PresetTest(absltest.TestCase):
 

@@ -282,6 +282,23 @@ class ExportTest(absltest.TestCase):
       self.assertNoCommonElements(signature.structured_outputs,
                                   {"distances", "encodings"})
 
+  def test_the_next_export_removes_what_a_killed_one_left(self):
+    output = os.path.join(self.base, "after_kill")
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    running = subprocess.Popen(["sleep", "600"])
+    self.addCleanup(running.wait)
+    self.addCleanup(running.kill)
+    for pid in (ended.pid, running.pid):  # As kill -9 leaves them.
+      staging = f"{output}.export-{pid}"
+      os.makedirs(os.path.join(staging, "variables"))
+      with open(os.path.join(staging, "saved_model.pb"), "wb") as f:
+        f.write(b"cut short")
+    export.export_saved_model(self.vqvae_dir, output)
+    self.assertEqual(
+        sorted(n for n in os.listdir(self.base) if n.startswith("after_kill")),
+        ["after_kill", f"after_kill.export-{running.pid}"])  # Its own only.
+
   def test_into_an_empty_directory(self):
     output = tempfile.mkdtemp(dir=self.base)
     export.export_saved_model(self.vqvae_dir, output)
