@@ -266,6 +266,42 @@ class InstallCellTest(parameterized.TestCase):
     self.assertEqual(namespace["TENSORFLOW_TPU"], distribute.TENSORFLOW_TPU)
 
 
+# Builds the strategies with the real TPU initialisation of this TensorFlow,
+# as on a Colab TPU runtime with the plain wheel.
+_REAL_TPU_INIT = """
+from sonnet_vqvae import distribute
+print("AUTO", type(distribute.build_strategy("auto")).__name__)
+try:
+  distribute.build_strategy("tpu")
+except RuntimeError as e:
+  print("TPU ERROR", e)
+"""
+
+
+@pytest.mark.slow
+class RealTpuInitTest(absltest.TestCase):
+
+  def test_plain_tensorflow_falls_back_or_says_what_to_install(self):
+    # In a subprocess: a TPU initialisation changes the process's context.
+    run = subprocess.run(
+        [sys.executable, "-c", _REAL_TPU_INIT],
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TPU_NAME="local",
+                 PYTHONPATH=os.path.dirname(os.path.dirname(
+                     os.path.abspath(__file__)))),
+        capture_output=True, text=True, timeout=300)
+    self.assertEqual(run.returncode, 0, run.stderr[-3000:])
+    self.assertIn("AUTO _DefaultDistributionStrategy", run.stdout)
+    # One warning, naming TensorFlow's missing TPU kernels and the fix.
+    warnings = [line for line in run.stderr.splitlines()
+                if "could not be initialised" in line]
+    self.assertLen(warnings, 1)
+    self.assertIn("ConfigureDistributedTPU", warnings[0])
+    self.assertIn(distribute.TENSORFLOW_TPU, warnings[0])
+    self.assertIn("TPU ERROR strategy='tpu': could not initialise the TPU "
+                  "'local' (TPU_NAME=local)", run.stdout)
+    self.assertIn("plain `tensorflow` has no TPU kernels", run.stdout)
+
+
 # One worker of a 2-worker cluster: restores (pretends) argv[1] as its step.
 _WORKER = """
 import sys
