@@ -61,9 +61,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.steps_per_loop = ml_collections.config_dict.placeholder(int)
   # None (float32), "auto", "bfloat16" or "float16": the convolutions compute
   # in that type on float32 variables; "auto" picks bfloat16 on TPUs, GPUs of
-  # compute capability >= 8.0 and CPUs with AMX-BF16 (see `precision`).
-  # float32 is the default: bfloat16's test NMSE cost at the reference budget
-  # has not been measured yet (README, "Precision").
+  # compute capability >= 8.0, CPUs with AMX-BF16, and CPUs with AVX512-BF16
+  # where a timed probe finds it faster (see `precision`).
+  # float32 is the default: bfloat16 cost 2.4% test NMSE at 3,000 steps over
+  # two seeds, above the 2% that "auto" as default needed (bench/RESULTS.md).
   config.mixed_precision = ml_collections.config_dict.placeholder(str)
   # "auto", "default" (one device), "replicator", "tpu" or "multi_worker"
   # (distribute.STRATEGIES).
