@@ -90,6 +90,10 @@ class ReadmeTest(absltest.TestCase):
       self.assertIn(command.replace("pip install", "python -m pip install"),
                     ci)
 
+  def test_readme_is_at_most_150_lines(self):
+    # Details belong in docs/: the README is what a newcomer reads first.
+    self.assertLessEqual(len(_read("README.md").splitlines()), 150)
+
   def test_readme_names_no_data_beside_the_dev_checkout(self):
     self.assertNotIn("shared/data", _read("README.md"))
 
