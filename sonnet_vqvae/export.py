@@ -25,7 +25,11 @@ codebook size):
 A VQ-VAE-2 (`num_levels` > 1) is exported the same way with one code grid
 per level: "codes_0" (the top level) to "codes_{L-1}" (the bottom) replace
 "codes" in every signature's inputs and outputs, and `sample` (its prior's
-workdir) draws them top-down.
+workdir) draws them top-down. A residual quantizer's codes are one int32
+[B, h, w, S] "codes" tensor, stage s in [..., s] and in [0, K) (K codes per
+stage), as its `encoding_indices`; its prior's `sample` draws the stages in
+order. FSQ's and LFQ's codes are indices like a VQ's, in [0, prod(levels))
+and [0, 2**bits).
 
 The quantizer's [B*h*w, K] outputs (`distances`, `encodings`) are in no
 signature. Every signature checks its inputs in the graph, so a SavedModel
@@ -96,6 +100,11 @@ class Exported(tf.Module):
     self.num_embeddings = tf.Variable(sizes[0] if one else sizes,
                                       trainable=False)
     self._image_shape, self._code_shapes = image_shape, code_shapes
+    from sonnet_vqvae import prior as prior_lib  # pylint: disable=g-import-not-at-top
+    # A residual quantizer's prior draws one [h, w] grid per stage.
+    self._stages = prior_lib.num_stages(vqvae)
+    self._grid_shapes = ([code_shapes[0][:-1]] * self._stages
+                         if self._stages else code_shapes)
     self._sizes = sizes
     for name, (function, specs) in self._functions().items():
       setattr(self, name, tf.function(function, input_signature=specs))
@@ -218,10 +227,12 @@ class Exported(tf.Module):
     args = (labels if prior.num_classes else None, temperature,
             tf.stack([seed, 0]))
     if isinstance(prior, hierarchical_prior.HierarchicalPrior):
-      codes = prior.sample_graph(tf.shape(labels)[0], self._code_shapes, *args)
+      codes = prior.sample_graph(tf.shape(labels)[0], self._grid_shapes, *args)
     else:
-      codes = [prior.sample_graph(tf.shape(labels)[0], *self._code_shapes[0],
+      codes = [prior.sample_graph(tf.shape(labels)[0], *self._grid_shapes[0],
                                   *args)]
+    if self._stages:
+      codes = [tf.stack(codes, axis=-1)]
     codes = self._named(codes)
     return dict(self._decode_named(codes, "sample"), **codes)
 

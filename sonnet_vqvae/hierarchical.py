@@ -31,7 +31,6 @@ import sonnet as snt
 import tensorflow as tf
 
 from sonnet_vqvae import networks
-from sonnet_vqvae import quantizers
 
 Quantizer = networks.Quantizer
 
@@ -261,7 +260,7 @@ class HierarchicalVQVAE(snt.Module):
     # Finer levels' vectors are zeros, the same for every image: the decoder
     # gets no information from them (their codes are not even looked up).
     quantized += [tf.zeros(tf.concat([tf.shape(c), [vq.embedding_dim]], 0),
-                           vq.embeddings.dtype)
+                           quantized[0].dtype)
                   for vq, c in zip(self.quantizers[levels:], codes[levels:])]
     return self._decode_quantized(quantized)
 
@@ -292,8 +291,8 @@ def build_hierarchical(*, num_embeddings: Sequence[int],
     data_variance: see `HierarchicalVQVAE`.
     seed: the quantizers' seed (level i uses seed + i).
     output_channels: image channels.
-    quantizer_options: codebook-health options for every quantizer (as
-      `configs/default.py`'s `quantizer`).
+    quantizer_options: every quantizer's kind and options (as
+      `configs/default.py`'s `quantizer`; see `networks.make_quantizer`).
 
   Raises:
     ValueError: for no level or a size that is not positive.
@@ -307,20 +306,22 @@ def build_hierarchical(*, num_embeddings: Sequence[int],
   def quantizer(level, k):
     # One level: the plain model's module names too.
     names = {} if levels == 1 else {"name": f"vector_quantizer_{level}"}
-    if use_ema:
-      return quantizers.VectorQuantizerEMA(
-          embedding_dim, k, commitment_cost, decay, seed=seed + level,
-          **names, **options)
-    return quantizers.VectorQuantizer(embedding_dim, k, commitment_cost,
-                                      seed=seed + level, **names, **options)
+    return networks.make_quantizer(
+        options, embedding_dim=embedding_dim, num_embeddings=k,
+        commitment_cost=commitment_cost, use_ema=use_ema, decay=decay,
+        seed=seed + level, **names)
 
+  quantizers_ = [quantizer(i, k) for i, k in enumerate(num_embeddings)]
   return HierarchicalVQVAE(
       encoder=networks.Encoder(*sizes),
       upper_encoders=[UpperEncoder(*sizes, name=f"upper_encoder_{i}")
                       for i in range(levels - 1)],
-      pre_vq_convs=[snt.Conv2D(embedding_dim, 1, name=(
-          "to_vq" if levels == 1 else f"to_vq_{i}")) for i in range(levels)],
-      quantizers_=[quantizer(i, k) for i, k in enumerate(num_embeddings)],
+      # Each level's quantizer's embedding_dim (FSQ's len(levels), LFQ's
+      # bits; embedding_dim for VQ).
+      pre_vq_convs=[snt.Conv2D(vq.embedding_dim, 1, name=(
+          "to_vq" if levels == 1 else f"to_vq_{i}"))
+                    for i, vq in enumerate(quantizers_)],
+      quantizers_=quantizers_,
       level_decoders=[LevelDecoder(*sizes, output_channels=embedding_dim,
                                    name=f"level_decoder_{i}")
                       for i in range(levels - 1)],
@@ -349,4 +350,4 @@ def build_from_config(config: ml_collections.ConfigDict,
       embedding_dim=config.embedding_dim,
       commitment_cost=config.commitment_cost, use_ema=config.use_ema,
       decay=config.decay, data_variance=data_variance, seed=config.seed,
-      quantizer_options=dict(config.quantizer))
+      quantizer_options=config.quantizer.to_dict())

@@ -4,15 +4,42 @@ The encoder downsamples 4x to an 8x8 grid, a 1x1 conv maps it to the quantizer's
 embedding size, and the decoder upsamples the quantized grid back to an image.
 """
 
-from typing import Dict, Union
+import math
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import ml_collections
 import sonnet as snt
 import tensorflow as tf
 
+from sonnet_vqvae import fsq
+from sonnet_vqvae import lfq
 from sonnet_vqvae import quantizers
+from sonnet_vqvae import residual_vq
+from sonnet_vqvae.configs import default
 
-Quantizer = Union[quantizers.VectorQuantizer, quantizers.VectorQuantizerEMA]
+Quantizer = Union[quantizers.VectorQuantizer, quantizers.VectorQuantizerEMA,
+                  residual_vq.ResidualVectorQuantizer,
+                  fsq.FiniteScalarQuantizer, lfq.LookupFreeQuantizer]
+
+# The bottlenecks `config.quantizer.kind` names; None means "ema" or "vq" as
+# config.use_ema says (the configs of runs from before the kinds existed).
+KINDS = ("vq", "ema", "residual", "fsq", "lfq")
+# config.quantizer's keys of each kind (the other keys are the codebook-health
+# options of every VQ codebook).
+KIND_KEYS = {
+    "vq": (), "ema": (),
+    "residual": ("num_stages", "shared_codebook", "quantizer_dropout"),
+    "fsq": ("levels",),
+    "lfq": ("entropy_weight", "diversity_gamma"),
+}
+# Keys added with the kinds: a run's fingerprint names them only where they
+# matter, so that the runs from before them resume.
+_KIND_OPTIONS = ("kind", "gradient") + tuple(
+    key for keys in KIND_KEYS.values() for key in keys)
+_STRAIGHT_THROUGH = "straight_through"
+# FSQ's and LFQ's largest implied codebooks (their usage EMAs hold a counter
+# per code).
+_MAX_CODES = 1 << 20
 
 # Inside snt.mixed_precision.scope(tf.bfloat16 or tf.float16) the encoder's and
 # decoder's convolutions compute in that type on float32 variables (cast on
@@ -136,7 +163,8 @@ class VQVAEModel(snt.Module):
     Args:
       encoder: maps images to feature grids.
       decoder: maps quantized grids back to images.
-      quantizer: a `VectorQuantizer` or `VectorQuantizerEMA` (or snt.nets').
+      quantizer: a `VectorQuantizer` or `VectorQuantizerEMA` (or snt.nets'),
+        or one of the other bottlenecks (see `make_quantizer`).
       pre_vq_conv: maps encoder features to the quantizer's embedding_dim.
       data_variance: variance of the training images (in [0, 1] scale);
         `recon_error` is the MSE divided by it.
@@ -197,7 +225,8 @@ def build_model(config: ml_collections.ConfigDict,
   Args:
     config: num_hiddens, num_residual_hiddens, num_residual_layers,
       embedding_dim, num_embeddings, commitment_cost, use_ema, decay, seed and
-      the `quantizer` sub-dict of codebook-health options.
+      the `quantizer` sub-dict (its kind, that kind's options and the
+      codebook-health options; see `build_quantizer`).
     data_variance: variance of the training images.
 
   Returns:
@@ -205,21 +234,198 @@ def build_model(config: ml_collections.ConfigDict,
   """
   sizes = (config.num_hiddens, config.num_residual_layers,
            config.num_residual_hiddens)
-  health = dict(config.quantizer)
-  if config.use_ema:
-    quantizer = quantizers.VectorQuantizerEMA(
-        config.embedding_dim, config.num_embeddings, config.commitment_cost,
-        config.decay, seed=config.seed, **health)
-  else:
-    quantizer = quantizers.VectorQuantizer(
-        config.embedding_dim, config.num_embeddings, config.commitment_cost,
-        seed=config.seed, **health)
+  quantizer = build_quantizer(config)
   return VQVAEModel(
       encoder=Encoder(*sizes),
       decoder=Decoder(*sizes),
       quantizer=quantizer,
-      pre_vq_conv=snt.Conv2D(config.embedding_dim, 1, name="to_vq"),
+      # The quantizer's embedding_dim: FSQ's len(levels), LFQ's bits.
+      pre_vq_conv=snt.Conv2D(quantizer.embedding_dim, 1, name="to_vq"),
       data_variance=data_variance)
+
+
+def quantizer_kind(config: ml_collections.ConfigDict) -> str:
+  """config.quantizer.kind, or "ema" / "vq" from config.use_ema if None."""
+  return _kind(config.quantizer.to_dict(), config.use_ema)
+
+
+def _kind(options: Mapping[str, Any], use_ema: bool) -> str:
+  kind = options.get("kind")
+  if kind is None:
+    return "ema" if use_ema else "vq"
+  return kind
+
+
+def quantizer_options(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """config.quantizer with the defaults of keys older run configs lack."""
+  return _with_defaults(config.quantizer.to_dict())
+
+
+def _with_defaults(options: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+  return {**default.get_config().quantizer.to_dict(), **(options or {})}
+
+
+def build_quantizer(config: ml_collections.ConfigDict) -> Quantizer:
+  """`make_quantizer` of a train config (see configs/default.py)."""
+  return make_quantizer(
+      config.quantizer.to_dict(), embedding_dim=config.embedding_dim,
+      num_embeddings=config.num_embeddings,
+      commitment_cost=config.commitment_cost, use_ema=config.use_ema,
+      decay=config.decay, seed=config.seed)
+
+
+def make_quantizer(options: Optional[Mapping[str, Any]], *,
+                   embedding_dim: int,
+                   num_embeddings: int,
+                   commitment_cost: float,
+                   use_ema: bool,
+                   decay: float,
+                   seed: int,
+                   name: Optional[str] = None) -> Quantizer:
+  """The bottleneck `options["kind"]` names, as a model's quantizer.
+
+  * vq, ema: `VectorQuantizer` / `VectorQuantizerEMA` (embedding_dim,
+    num_embeddings, commitment_cost, decay, gradient, codebook health);
+  * residual: `ResidualVectorQuantizer` of options["num_stages"] codebooks
+    of num_embeddings codes, each EMA or not as use_ema says;
+  * fsq: `FiniteScalarQuantizer(options["levels"])`: len(levels) channels,
+    prod(levels) codes (embedding_dim and num_embeddings are not read);
+  * lfq: `LookupFreeQuantizer` of log2(num_embeddings) channels (bits).
+
+  Args:
+    options: a train config's `quantizer` dict (kind, the kind's options,
+      codebook health); keys it lacks take configs/default.py's values.
+    embedding_dim, num_embeddings, commitment_cost, use_ema, decay: as the
+      train config's (num_embeddings: per codebook).
+    seed: the seed of restarts and k-means.
+    name: module name instead of the module's default.
+
+  Returns:
+    The quantizer, whose `embedding_dim` the encoder must output.
+  """
+  options = _with_defaults(options)
+  kind = _kind(options, use_ema)
+  names = {} if name is None else {"name": name}
+  if kind == "fsq":
+    return fsq.FiniteScalarQuantizer(
+        tuple(options["levels"]), usage_decay=options["usage_decay"], **names)
+  if kind == "lfq":
+    bits = int(math.log2(num_embeddings))
+    return lfq.LookupFreeQuantizer(
+        bits, entropy_weight=options["entropy_weight"],
+        commitment_cost=commitment_cost,
+        diversity_gamma=options["diversity_gamma"],
+        # The exact codebook entropy sums over 2**bits codes: to 16 bits.
+        factorized_entropy=bits > 16, usage_decay=options["usage_decay"],
+        **names)
+  # Codebook health, the gradient and the seed: every VQ codebook's options.
+  health = {key: value for key, value in options.items()
+            if key not in _KIND_OPTIONS}
+  health.update(gradient=options["gradient"], seed=seed)
+  if kind == "residual":
+    return residual_vq.ResidualVectorQuantizer(
+        embedding_dim, num_embeddings, options["num_stages"],
+        commitment_cost, use_ema=use_ema, decay=decay,
+        shared_codebook=options["shared_codebook"],
+        quantizer_dropout=options["quantizer_dropout"], **health, **names)
+  if kind == "ema":
+    return quantizers.VectorQuantizerEMA(
+        embedding_dim, num_embeddings, commitment_cost, decay, **health,
+        **names)
+  return quantizers.VectorQuantizer(embedding_dim, num_embeddings,
+                                    commitment_cost, **health, **names)
+
+
+def quantizer_fingerprint(config: ml_collections.ConfigDict
+                          ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  """(model keys, quantizer dict) of a run's fingerprint that the kind sets.
+
+  A vq or ema run's fingerprint is the one of the runs from before the
+  kinds (use_ema says which, quantizer holds the codebook-health options,
+  and a non-default gradient), so their workdirs resume. Other kinds add
+  `kind` and their options, and their effective embedding_dim and
+  num_embeddings (FSQ's and LFQ's come from their options).
+  """
+  kind = quantizer_kind(config)
+  options = quantizer_options(config)
+  quantizer = {key: value for key, value in options.items()
+               if key not in _KIND_OPTIONS}
+  if options["gradient"] != _STRAIGHT_THROUGH:
+    quantizer["gradient"] = options["gradient"]
+  if kind in ("vq", "ema"):
+    return {"use_ema": kind == "ema"}, quantizer
+  quantizer.update(kind=kind, **{key: options[key] for key in KIND_KEYS[kind]})
+  if kind == "fsq":
+    levels = [int(n) for n in options["levels"]]
+    quantizer["levels"] = levels
+    # Neither codebook nor EMA: only the levels say what the run is.
+    return {"embedding_dim": len(levels), "num_embeddings": math.prod(levels),
+            "use_ema": None, "decay": None, "commitment_cost": None}, quantizer
+  if kind == "lfq":
+    return {"embedding_dim": int(math.log2(config.num_embeddings)),
+            "use_ema": None, "decay": None}, quantizer
+  return {}, quantizer
+
+
+def check_quantizer_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError for config.quantizer options that cannot build.
+
+  The kind's name and options, and the sizes it needs: LFQ's num_embeddings
+  (each level's) a power of two, FSQ's levels ints >= 2; a residual
+  quantizer and FSQ's fixed levels are not VQ-VAE-2 options.
+  """
+  kind = config.quantizer.get("kind")
+  if kind is not None and kind not in KINDS:
+    raise ValueError(f"config.quantizer.kind must be None (from use_ema) or "
+                     f"one of {KINDS}, got {kind!r}.")
+  kind = quantizer_kind(config)
+  options = quantizer_options(config)
+  gradients = quantizers.GRADIENTS
+  if options["gradient"] not in gradients:
+    raise ValueError(f"config.quantizer.gradient must be one of {gradients}, "
+                     f"got {options['gradient']!r}.")
+  if options["gradient"] != _STRAIGHT_THROUGH and kind in ("fsq", "lfq"):
+    raise ValueError(f"config.quantizer.gradient={options['gradient']!r} "
+                     "is an option of the vq, ema and residual kinds, not "
+                     f"of {kind!r}.")
+  levels = config.get("num_levels", 1)
+  if kind == "residual":
+    stages = options["num_stages"]
+    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+      raise ValueError("config.quantizer.num_stages must be an int >= 1, got "
+                       f"{stages!r}.")
+    if not 0 <= options["quantizer_dropout"] <= 1:
+      raise ValueError("config.quantizer.quantizer_dropout must be in [0, 1], "
+                       f"got {options['quantizer_dropout']}.")
+    if levels > 1:
+      raise ValueError("config.quantizer.kind='residual' is a plain VQ-VAE's "
+                       "bottleneck: set num_levels=1 (VQ-VAE-2 levels take "
+                       "vq, ema, fsq or lfq).")
+  if kind == "fsq":
+    fsq_levels = options["levels"]
+    if (not isinstance(fsq_levels, (tuple, list)) or not fsq_levels or
+        not all(isinstance(n, int) and n >= 2 for n in fsq_levels) or
+        math.prod(fsq_levels) > _MAX_CODES):
+      raise ValueError("config.quantizer.levels must be a tuple of ints >= 2 "
+                       "(values per channel) whose product is at most 2**20, "
+                       f"got {fsq_levels!r}.")
+    if config.get("level_num_embeddings") is not None:
+      raise ValueError("config.level_num_embeddings must be None with "
+                       "kind='fsq': every level has prod(quantizer.levels) "
+                       "codes.")
+  if kind == "lfq":
+    for key in ("entropy_weight", "diversity_gamma"):
+      if not options[key] >= 0:
+        raise ValueError(f"config.quantizer.{key} must be >= 0, got "
+                         f"{options[key]}.")
+    sizes = config.get("level_num_embeddings") or [config.num_embeddings]
+    for k in sizes:
+      if not (isinstance(k, int) and 2 <= k <= _MAX_CODES and
+              k & (k - 1) == 0):
+        raise ValueError(
+            "kind='lfq' quantizes log2(num_embeddings) channels to bits: "
+            "config.num_embeddings (each level's) must be a power of two "
+            f"from 2 to 2**20, got {k!r}.")
 
 
 def _check_positive(**sizes: int) -> None:

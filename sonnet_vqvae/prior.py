@@ -9,7 +9,11 @@ New images are drawn by sampling code grids and decoding them.
 On a VQ-VAE-2 workdir (`num_levels` > 1) the prior is a `HierarchicalPrior`:
 one PixelCNN per level, each finer level conditioned on the coarser codes,
 trained together; its NLL is reported per level and in total, and sampling
-runs top-down.
+runs top-down. A residual quantizer's stages (codes [H, W, S]) are modelled
+the same way, as S grids of one size, stage s given stages 0 .. s - 1: its
+metrics' level{s} is stage s. (One index per position, K**S codes, would
+not fit a softmax for most residual quantizers.) FSQ and LFQ codes are
+indices like a VQ's, over prod(levels) and 2**bits codes.
 
   python -m sonnet_vqvae.prior --vqvae_workdir DIR --workdir DIR2
   python -m sonnet_vqvae.prior --vqvae_workdir DIR --workdir DIR2 --mode=sample
@@ -35,7 +39,6 @@ import tensorflow as tf
 
 from sonnet_vqvae import configs
 from sonnet_vqvae import distribute
-from sonnet_vqvae import hierarchical
 from sonnet_vqvae import hierarchical_prior
 from sonnet_vqvae import input_pipeline
 from sonnet_vqvae import loop
@@ -84,6 +87,43 @@ def _levels(codes) -> List[Any]:
   return list(codes) if isinstance(codes, (list, tuple)) else [codes]
 
 
+def num_stages(vqvae: snt.Module) -> int:
+  """A plain VQ-VAE's residual stages S (its codes are [B, H, W, S]), or 0."""
+  if hasattr(vqvae, "quantizers"):  # VQ-VAE-2: no residual levels.
+    return 0
+  return int(getattr(vqvae.quantizer, "num_stages", 0))
+
+
+def code_grids(vqvae: snt.Module, codes) -> List[tf.Tensor]:
+  """The [B, H, W] grids the prior models, of `vqvae.encode`'s codes.
+
+  A VQ-VAE's one grid, a VQ-VAE-2's levels (top first), or a residual
+  quantizer's [B, H, W, S] codes as S grids, stage 0 first: the prior models
+  the stages as a VQ-VAE-2's levels on one grid size, each stage given the
+  ones before it.
+  """
+  if num_stages(vqvae):
+    return tf.unstack(codes, axis=-1)
+  return _levels(codes)
+
+
+def model_codes(vqvae: snt.Module, grids: Sequence[tf.Tensor]):
+  """`code_grids`' inverse: what `vqvae.decode` takes."""
+  if num_stages(vqvae):
+    return tf.stack(grids, axis=-1)
+  return list(grids) if hasattr(vqvae, "quantizers") else grids[0]
+
+
+def grid_num_embeddings(vqvae: snt.Module) -> NumEmbeddings:
+  """The codes of each grid of `code_grids` (an int if there is one grid)."""
+  stages = num_stages(vqvae)
+  if stages > 1:
+    return [int(vqvae.quantizer.num_embeddings)] * stages
+  if hasattr(vqvae, "quantizers") and len(vqvae.quantizers) > 1:
+    return [int(q.num_embeddings) for q in vqvae.quantizers]
+  return int(vqvae.quantizer.num_embeddings)
+
+
 def code_nll(model: Prior, codes, labels: tf.Tensor):
   """Negative log-likelihood of every code given the codes before it.
 
@@ -111,7 +151,8 @@ def encode_split(vqvae: snt.Module, split: str, *, batch_size: int,
 
   Args:
     vqvae: a model with `encode(images [B, 32, 32, 3]) -> [B, H, W]` indices
-      (a VQ-VAE-2: a list of each level's, top first).
+      (a VQ-VAE-2: a list of each level's, top first; a residual
+      quantizer's [B, H, W, S]: see `code_grids`).
     split: tfds split name.
     batch_size: images per encoder call.
     dataset: tfds dataset name (the VQ-VAE's, e.g. "cifar10").
@@ -119,8 +160,9 @@ def encode_split(vqvae: snt.Module, split: str, *, batch_size: int,
     download: whether tfds may download the data.
 
   Returns:
-    {'codes': [N, H, W] int32 indices (a VQ-VAE-2: a tuple of each level's,
-    top first), 'labels': [N] int32 class labels}.
+    {'codes': [N, H, W] int32 indices (several grids, a VQ-VAE-2's levels
+    or residual stages: a tuple, see `code_grids`), 'labels': [N] int32
+    class labels}.
   """
   batches = input_pipeline.load_split(
       split, dataset=dataset, data_dir=data_dir, download=download).batch(
@@ -132,7 +174,8 @@ def encode_split(vqvae: snt.Module, split: str, *, batch_size: int,
   with input_pipeline.naming_corrupt_files(split, dataset=dataset,
                                            data_dir=data_dir):
     for batch in batches:
-      codes.append([c.numpy() for c in _levels(encode(batch["image"]))])
+      codes.append([c.numpy()
+                    for c in code_grids(vqvae, encode(batch["image"]))])
       labels.append(batch["label"].numpy())
   levels = tuple(np.concatenate(level).astype(np.int32)
                  for level in zip(*codes))
@@ -307,11 +350,18 @@ def vqvae_provenance(vqvae: snt.Module, step: int) -> Dict[str, Any]:
 
   The hash (of every level's codebook, top first, for a VQ-VAE-2) tells two
   VQ-VAEs apart even when their configs, data and steps agree (another seed)
-  or when a workdir was moved.
+  or when a workdir was moved. Quantizers without an `embeddings` codebook
+  (residual, FSQ, LFQ) hash every variable of the model instead: the
+  encoder's weights say which codes an image gets.
   """
+  quantizers_ = getattr(vqvae, "quantizers", [vqvae.quantizer])
+  if all(hasattr(q, "embeddings") for q in quantizers_):
+    variables = [q.embeddings for q in quantizers_]
+  else:
+    variables = vqvae.variables
   digest = hashlib.sha256()
-  for quantizer in getattr(vqvae, "quantizers", [vqvae.quantizer]):
-    digest.update(np.ascontiguousarray(quantizer.embeddings.numpy()).tobytes())
+  for variable in variables:
+    digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
   return {"step": int(step), "codebook_sha256": digest.hexdigest()}
 
 
@@ -491,10 +541,8 @@ def train_prior(config: ml_collections.ConfigDict, vqvae_workdir: str,
   logging.info("Encoded %d train and %d test images to %s code grids.",
                len(data["train"]["labels"]), len(data["test"]["labels"]),
                _code_shape(data["train"]["codes"]))
-  # A VQ-VAE-2 gets one PixelCNN per level (build_prior takes the list).
-  num_embeddings = (hierarchical.level_num_embeddings(vqvae_config)
-                    if train.num_levels(vqvae_config) > 1
-                    else vqvae_config.num_embeddings)
+  # Several grids (levels, residual stages) get one PixelCNN each.
+  num_embeddings = grid_num_embeddings(vqvae)
   return train_on_codes(
       config, data["train"], data["test"], num_embeddings,
       workdir, vqvae=vqvae_provenance(vqvae, step),
@@ -609,14 +657,14 @@ def sample_images(model: Prior, vqvae: snt.Module, *,
   else:
     labels = label
   # The grid sizes are what the encoder makes of one image.
-  shapes = [tuple(c.shape[1:])
-            for c in _levels(vqvae.encode(tf.zeros([1, 32, 32, 3])))]
+  shapes = [tuple(c.shape[1:]) for c in
+            code_grids(vqvae, vqvae.encode(tf.zeros([1, 32, 32, 3])))]
   options = dict(labels=labels, temperature=temperature, seed=seed)
   if isinstance(model, hierarchical_prior.HierarchicalPrior):
     codes = model.sample(num_samples, shapes, **options)
   else:
-    codes = model.sample(num_samples, *shapes[0], **options)
-  return vqvae.decode(codes).numpy()
+    codes = [model.sample(num_samples, *shapes[0], **options)]
+  return vqvae.decode(model_codes(vqvae, codes)).numpy()
 
 
 def sample(config: ml_collections.ConfigDict, vqvae_workdir: str,

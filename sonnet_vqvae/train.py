@@ -110,6 +110,8 @@ def validate_config(config: config_dict.ConfigDict) -> None:
     raise ValueError("config.commitment_cost must be a finite number >= 0, "
                      f"got {config.commitment_cost}.")
   _check_quantizer_options(config.quantizer)
+  # The kind and its options (sizes the kind needs; VQ-VAE-2 levels).
+  networks.check_quantizer_config(config)
   if not config.dataset or not config.dataset.strip():
     raise ValueError("config.dataset is empty: name a tfds dataset, e.g. "
                      "--config.dataset=cifar10.")
@@ -179,8 +181,11 @@ def fingerprint(config: config_dict.ConfigDict,
   may change between resumes.
   """
   data_dir = config.data_dir
-  model = {key: (config[key].to_dict() if key == "quantizer" else config[key])
-           for key in _MODEL_KEYS}
+  model = {key: config[key] for key in _MODEL_KEYS if key != "quantizer"}
+  # A vq or ema run's quantizer entry is the one of runs from before the
+  # kinds (their workdirs resume); other kinds add theirs.
+  overrides, model["quantizer"] = networks.quantizer_fingerprint(config)
+  model.update(overrides)
   if num_levels(config) > 1:
     # Only then: a plain run's fingerprint stays what it was before VQ-VAE-2.
     model.update(num_levels=config.num_levels,
@@ -284,6 +289,11 @@ def make_replica_step(model: networks.VQVAEModel, optimizer: optim.Adam,
                "codes_used": tf.cast(vq["codes_used"], tf.float32),
                # Usage over ~70 steps: one batch's count depends on its size.
                "codes_used_ema": tf.cast(vq["codes_used_ema"], tf.float32)}
+    if "stage_perplexity" in vq:  # Residual VQ: each stage's too.
+      for stage in range(vq["stage_perplexity"].shape[0]):
+        metrics[f"stage{stage}_perplexity"] = vq["stage_perplexity"][stage]
+        metrics[f"stage{stage}_codes_used"] = tf.cast(
+            vq["stage_codes_used"][stage], tf.float32)
     if len(out.get("vq_outputs", ())) > 1:  # VQ-VAE-2: each level's too.
       for level, vq_level in enumerate(out["vq_outputs"]):
         metrics[f"level{level}_perplexity"] = vq_level["perplexity"]
@@ -455,12 +465,14 @@ def train_and_evaluate(config: config_dict.ConfigDict,
 
 
 def _evaluate(model: networks.VQVAEModel, dataset: tf.data.Dataset
-              ) -> Tuple[Dict[str, float], np.ndarray,
+              ) -> Tuple[Dict[str, float], List[np.ndarray],
                          Tuple[np.ndarray, List[np.ndarray]]]:
-  """`evaluate`'s metrics, the [K] code histogram and the first batch.
+  """`evaluate`'s metrics, the code histograms and the first batch.
 
-  The first batch is its [N, H, W, C] images and their reconstructions: the
-  model's, then (VQ-VAE-2) those decoded from the top 1, ..., L - 1 levels.
+  The histograms are each level's [K_i], top first (one for the plain
+  VQ-VAE), or a residual quantizer's, one [K] per stage. The first batch is
+  its [N, H, W, C] images and their reconstructions: the model's, then
+  (VQ-VAE-2) those decoded from the top 1, ..., L - 1 levels.
   """
   if not isinstance(dataset.element_spec, tuple):
     # Image batches: pad each to the first's size, so they share one shape.
@@ -473,6 +485,8 @@ def _evaluate(model: networks.VQVAEModel, dataset: tf.data.Dataset
   # Every level's codebook, top first (one for the plain VQ-VAE).
   quantizers_ = quantizers_of(model)
   levels = len(quantizers_)
+  # A residual quantizer's codes are [..., num_stages]: one grid per stage.
+  stages = getattr(quantizers_[-1], "num_stages", 0)
 
   # One fixed batch shape: compiled once, also for the padded last batch.
   @tf.function(input_signature=[images_spec,
@@ -481,8 +495,15 @@ def _evaluate(model: networks.VQVAEModel, dataset: tf.data.Dataset
     out = model(images, is_training=False)
     vq_outputs = out.get("vq_outputs", [out["vq_output"]])
     valid = tf.cast(mask, tf.float64)
-    counts = [_code_counts(o["encoding_indices"], valid, vq.num_embeddings)
-              for o, vq in zip(vq_outputs, quantizers_)]
+    if stages:
+      indices = out["vq_output"]["encoding_indices"]
+      counts = [_code_counts(indices[..., stage], valid,
+                             model.quantizer.num_embeddings)
+                for stage in range(stages)]
+    else:
+      indices = tf.zeros([0], tf.int64)  # Only a residual's are needed.
+      counts = [_code_counts(o["encoding_indices"], valid, vq.num_embeddings)
+                for o, vq in zip(vq_outputs, quantizers_)]
     recons = [out["x_recon"]]
     if levels > 1:
       # What the top levels carry: the same codes, decoded without the finer
@@ -495,31 +516,42 @@ def _evaluate(model: networks.VQVAEModel, dataset: tf.data.Dataset
             axis=list(range(1, len(images.shape)))), 0.))
         for recon in recons]
     size = tf.reduce_sum(valid) * float(np.prod(images.shape[1:]))
-    return squared, size, counts, recons
+    return squared, size, counts, recons, indices
 
-  squared, size, counts, first = 0., 0., None, None
+  squared, size, counts, first, tuples = 0., 0., None, None, []
   for images, mask in dataset:
-    s, n, c, recons = batch_stats(images, mask)
+    s, n, c, recons, indices = batch_stats(images, mask)
     squared, size = np.add(squared, s), size + n
     c = [np.asarray(level) for level in c]
     counts = c if counts is None else [a + b for a, b in zip(counts, c)]
+    real = mask.numpy()
+    if stages:
+      tuples.append(indices.numpy()[real].reshape(-1, stages))
     if first is None:
-      real = mask.numpy()
       first = (images.numpy()[real], [r.numpy()[real] for r in recons])
   if first is None or not size:
     raise ValueError("evaluate: the dataset holds no images.")
   mse = float(squared[0] / size)
   metrics = {"nmse": mse / model.data_variance, "mse": mse,
-             "psnr": float(10 * np.log10(1. / mse)) if mse > 0 else math.inf,
-             # The bottom level's, the plain VQ-VAE's one codebook.
-             **_histogram_metrics(counts[-1])}
+             "psnr": float(10 * np.log10(1. / mse)) if mse > 0 else math.inf}
+  if stages:
+    # A code is a position's tuple of stage codes: the joint histogram's
+    # perplexity and codes used compare with one codebook's.
+    _, joint = np.unique(np.concatenate(tuples), axis=0, return_counts=True)
+    metrics.update(_histogram_metrics(joint))
+    for stage, stage_counts in enumerate(counts):
+      metrics.update({f"stage{stage}_{k}": v for k, v in
+                      _histogram_metrics(stage_counts).items()})
+    return metrics, counts, first
+  # The bottom level's, the plain VQ-VAE's one codebook.
+  metrics.update(_histogram_metrics(counts[-1]))
   if len(counts) > 1:
     for level, level_counts in enumerate(counts):
       metrics.update({f"level{level}_{k}": v for k, v in
                       _histogram_metrics(level_counts).items()})
     for k in range(1, levels):
       metrics[f"top{k}_nmse"] = float(squared[k] / size) / model.data_variance
-  return metrics, counts[-1], first
+  return metrics, counts, first
 
 
 def _code_counts(indices: tf.Tensor, valid: tf.Tensor,
@@ -558,7 +590,10 @@ def evaluate(model: networks.VQVAEModel,
     perplexity and codes_used of the code histogram over the whole dataset.
     A VQ-VAE-2 adds level{i}_perplexity and level{i}_codes_used for each
     level i (0: the top), and top{k}_nmse for k = 1 .. L - 1: the NMSE of
-    images decoded from the top k levels alone (`decode_top`).
+    images decoded from the top k levels alone (`decode_top`). With a
+    residual quantizer the codes are a position's tuples of stage codes
+    (perplexity and codes_used of their histogram), and each stage s adds
+    stage{s}_perplexity and stage{s}_codes_used.
 
   Raises:
     ValueError: when the dataset is empty.
@@ -571,9 +606,11 @@ def evaluate_and_plot(config: config_dict.ConfigDict,
                       workdir: str) -> Dict[str, float]:
   """Evaluates on the test split; writes eval.json and the figures.
 
-  curves.png, reconstructions.png and codebook.png (the bottom level's); a
-  VQ-VAE-2 also gets level_reconstructions.png: the same test images decoded
-  from the top 1, 2, ..., all levels.
+  curves.png, reconstructions.png and codebook.png (the bottom level's; a
+  residual quantizer's: codebook_stage{s}.png per stage; FSQ's and LFQ's
+  implied codebook, every code `quantize` maps to); a VQ-VAE-2 also gets
+  level_reconstructions.png: the same test images decoded from the top 1,
+  2, ..., all levels.
 
   Raises:
     FloatingPointError: for non-finite metrics, after writing them to
@@ -600,9 +637,38 @@ def evaluate_and_plot(config: config_dict.ConfigDict,
       plotting.plot_level_reconstructions(
           originals, recons[1:] + recons[:1],
           run_dir.path("level_reconstructions.png"), split=split)
-    plotting.plot_codebook(model.quantizer.embeddings.numpy(), counts,
-                           run_dir.path("codebook.png"))
+    codebooks = _codebooks(model.quantizer)
+    names = (["codebook.png"] if len(codebooks) == 1 else
+             [f"codebook_stage{s}.png" for s in range(len(codebooks))])
+    for codebook, stage_counts, name in zip(
+        codebooks, counts[-len(codebooks):], names):
+      if codebook is None:
+        logging.info("No %s: %d codes are too many to draw.",
+                     name, len(stage_counts))
+      else:
+        plotting.plot_codebook(codebook, stage_counts, run_dir.path(name))
   return metrics
+
+
+# Implied codebooks (FSQ, LFQ) larger than this are not drawn.
+_MAX_DRAWN_CODES = 1 << 16
+
+
+def _codebooks(quantizer) -> List[Optional[np.ndarray]]:
+  """[D, K] codebooks to draw: one, or a residual quantizer's per stage.
+
+  A VQ codebook is its `embeddings`; FSQ's and LFQ's, which have none, are
+  the vectors `quantize` gives every index (None above _MAX_DRAWN_CODES).
+  """
+  stages = getattr(quantizer, "stages", None)
+  if stages is not None:
+    return [c for stage in stages for c in _codebooks(stage)]
+  if hasattr(quantizer, "embeddings"):
+    return [quantizer.embeddings.numpy()]
+  if quantizer.num_embeddings > _MAX_DRAWN_CODES:
+    return [None]
+  indices = tf.range(quantizer.num_embeddings, dtype=tf.int64)
+  return [tf.transpose(quantizer.quantize(indices)).numpy()]
 
 
 def restore_model(workdir: str, step: Optional[int] = None

@@ -57,7 +57,7 @@ class UnknownOverrideTest(absltest.TestCase):
         "config", default.get_config())
     self.assertLen(messages, 3)
     self.assertIn("'typo_key'", messages[0])
-    self.assertIn("did you mean quantizer.cosine?", messages[1])
+    self.assertIn("did you mean quantizer.cosine", messages[1])
     self.assertIn("seed has no sub-keys", messages[2])
 
   def test_exit_names_the_key(self):

@@ -45,6 +45,25 @@ def get_config() -> ml_collections.ConfigDict:
   config.quantizer.kmeans_init = False
   config.quantizer.kmeans_iters = 10
   config.quantizer.cosine = False
+  # The bottleneck: "vq", "ema", "residual", "fsq" or "lfq"
+  # (docs/quantizers.md); None: "ema" if use_ema else "vq".
+  config.quantizer.kind = ml_collections.config_dict.placeholder(str)
+  # vq, ema, residual: the gradient to the encoder, "straight_through" or
+  # "rotation" (the rotation trick, Fifty et al. 2024).
+  config.quantizer.gradient = "straight_through"
+  # residual: num_stages codebooks of num_embeddings codes (EMA if use_ema),
+  # each quantizing what the ones before left; one codebook for all stages;
+  # the share of training examples cut to a random number of stages.
+  config.quantizer.num_stages = 4
+  config.quantizer.shared_codebook = False
+  config.quantizer.quantizer_dropout = 0.0
+  # fsq: values of each channel; embedding_dim and num_embeddings are
+  # len(levels) and prod(levels) (the config's are not read).
+  config.quantizer.levels = (8, 5, 5, 5)
+  # lfq: log2(num_embeddings) channels, each quantized to its sign; the
+  # weight of the entropy penalty and of its batch (diversity) term.
+  config.quantizer.entropy_weight = 0.1
+  config.quantizer.diversity_gamma = 1.0
 
   # Optimisation.
   config.learning_rate = 3e-4
