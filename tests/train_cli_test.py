@@ -46,6 +46,15 @@ np.savez(sys.argv[2], *[v.numpy() for v in model.variables])
 
 _TINY = tiny.cli_flags(tiny.vqvae_config())
 
+# Holds a workdir's lock file as RunDir does (no TensorFlow) until killed.
+_LOCK_HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(os.path.join(sys.argv[1], ".lock"), os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("locked", flush=True)
+time.sleep(600)
+"""
+
 
 def _env(**extra):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **extra)
@@ -102,17 +111,31 @@ class TrainCliTest(absltest.TestCase):
 
   def test_evaluate_mode_and_unknown_override(self):
     train_run = subprocess.run(self._cli("--config.num_steps=2"), env=_env(),
-                               capture_output=True, text=True, timeout=120)
+                               capture_output=True, text=True, timeout=300)
     self.assertEqual(train_run.returncode, 0, train_run.stderr[-3000:])
     os.remove(os.path.join(self.workdir, "eval.json"))
+    # Evaluation writes the workdir: it is refused while another holds it.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _LOCK_HOLDER, self.workdir],
+        stdout=subprocess.PIPE, text=True)
+    self.addCleanup(holder.wait)
+    self.addCleanup(holder.kill)
+    self.assertEqual(holder.stdout.readline().strip(), "locked")
+    refused = subprocess.run(self._cli("--mode=evaluate"), env=_env(),
+                             capture_output=True, text=True, timeout=300)
+    self.assertNotEqual(refused.returncode, 0)
+    self.assertIn("in use by another process", refused.stderr)
+    self.assertFalse(os.path.exists(os.path.join(self.workdir, "eval.json")))
+    holder.kill()
+    holder.wait()
     evaluate = subprocess.run(self._cli("--mode=evaluate"), env=_env(),
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=300)
     self.assertEqual(evaluate.returncode, 0, evaluate.stderr[-3000:])
     with open(os.path.join(self.workdir, "eval.json")) as f:
       self.assertIn("nmse", json.load(f))
 
     typo = subprocess.run(self._cli("--config.num_step=2"), env=_env(),
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
     self.assertNotEqual(typo.returncode, 0)
     # One line naming the key and the nearest valid one, no traceback.
     self.assertIn("Unknown config key 'num_step': did you mean num_steps?",
@@ -120,7 +143,7 @@ class TrainCliTest(absltest.TestCase):
     self.assertNotIn("Traceback", typo.stderr)
 
     bad = subprocess.run(self._cli("--config.jit_compile=fast"), env=_env(),
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=300)
     self.assertNotEqual(bad.returncode, 0)
     self.assertIn("train: config.jit_compile must be True, False or 'auto', "
                   "got 'fast'.", bad.stderr)
