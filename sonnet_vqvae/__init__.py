@@ -7,6 +7,12 @@ CIFAR-10 model with them.
 
 __version__ = "0.1.0"
 
+import sys as _sys
+
+if _sys.argv[:1] == ["-m"]:  # `python -m sonnet_vqvae.<program>` starting.
+  from sonnet_vqvae import cli as _cli
+  _cli.import_tensorflow_once()
+
 from sonnet_vqvae.quantizers import VectorQuantizer
 from sonnet_vqvae.quantizers import VectorQuantizerEMA
 from sonnet_vqvae.networks import Decoder

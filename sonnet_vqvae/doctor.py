@@ -34,6 +34,8 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from sonnet_vqvae import cli
+
 _STRATEGY = flags.DEFINE_string(
     "strategy", None, "Strategy to check (see distribute.STRATEGIES); "
     "default: 'replicator' with --logical_cpus, else 'auto'.")
@@ -277,4 +279,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

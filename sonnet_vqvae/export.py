@@ -51,7 +51,6 @@ The loaded object also holds `image_shape`, `code_shape` and
 import glob
 import os
 import shutil
-import sys
 from typing import Optional, Sequence, Union
 
 from absl import app
@@ -59,6 +58,7 @@ from absl import flags
 from absl import logging
 import tensorflow as tf
 
+from sonnet_vqvae import cli
 from sonnet_vqvae import hierarchical_prior
 from sonnet_vqvae import input_pipeline
 from sonnet_vqvae import loop
@@ -73,6 +73,13 @@ def _to_uint8(images: tf.Tensor) -> tf.Tensor:
                  tf.uint8)
 
 
+class _Untracked:
+  """Holds an object out of a tf.Module's saved object graph."""
+
+  def __init__(self, module):
+    self.module = module
+
+
 class Exported(tf.Module):
   """The module `export_saved_model` saves: a VQ-VAE and optionally a prior."""
 
@@ -84,7 +91,11 @@ class Exported(tf.Module):
                name: str = "sonnet_vqvae_export"):
     super().__init__(name=name)
     self.vqvae = vqvae
-    self.prior = prior
+    # The prior's variables are saved, not the prior: its own `sample`
+    # tf.function, never traced here, would be reported as "untraced
+    # functions ... will not be directly callable" (signatures call it).
+    self._prior = _Untracked(prior)
+    self.prior_variables = list(prior.variables) if prior is not None else []
     image_shape = [int(n) for n in image_shape]
     encoded = vqvae.encode(tf.zeros([1, *image_shape]))
     # A VQ-VAE-2's codes are a list of grids (top first); a VQ-VAE's one.
@@ -130,6 +141,10 @@ class Exported(tf.Module):
 
   def signature_names(self):
     return sorted(self._functions())
+
+  @property
+  def prior(self):
+    return self._prior.module
 
   def signatures(self):
     """The serving signatures: name -> concrete function.
@@ -377,12 +392,8 @@ def _is_running(pid: int) -> bool:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  try:
-    export_saved_model(flags.FLAGS.workdir, flags.FLAGS.output,
-                       flags.FLAGS.vqvae_workdir)
-  except (FileExistsError, FileNotFoundError, ValueError,
-          rundir.RunDirError) as e:
-    sys.exit(f"export: {e}")
+  export_saved_model(flags.FLAGS.workdir, flags.FLAGS.output,
+                     flags.FLAGS.vqvae_workdir)
 
 
 if __name__ == "__main__":
@@ -392,4 +403,4 @@ if __name__ == "__main__":
                       "path or an empty directory).", required=True)
   flags.DEFINE_string("vqvae_workdir", None, "For a prior: its VQ-VAE's "
                       "workdir (default: the one its run.json records).")
-  app.run(main)
+  cli.run(main)

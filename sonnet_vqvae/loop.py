@@ -43,8 +43,8 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
-import tqdm
 
+from sonnet_vqvae import cli
 from sonnet_vqvae import distribute
 from sonnet_vqvae import loss_scale as loss_scale_lib
 from sonnet_vqvae import optim
@@ -596,8 +596,10 @@ def _run(train_loop, *, run_dir, checkpoints, start_step, num_steps,
   """`run`'s loop; `stop_requests` gets the signal that asks it to stop."""
   writer = (tf.summary.create_file_writer(run_dir.workdir) if run_dir.writer
             else tf.summary.create_noop_writer())
-  progress = tqdm.tqdm(total=num_steps, initial=start_step,
-                       disable=not (run_dir.writer and sys.stderr.isatty()))
+  # Log lines go above the bar, never on its line.
+  progress = cli.progress_bar(
+      total=num_steps, initial=start_step,
+      disable=not (run_dir.writer and sys.stderr.isatty()))
   # Rewritten by every invocation that saves, so it holds the config of the
   # newest one (e.g. a larger num_steps); the fingerprint cannot change.
   metadata_written = False
@@ -617,6 +619,7 @@ def _run(train_loop, *, run_dir, checkpoints, start_step, num_steps,
     step += int(out["steps"])
     progress.update(int(out["steps"]))
     if not out["finite"]:
+      progress.close()
       last = {k: float(v) for k, v in out["last"].items()}
       kept = (f"the last good checkpoint (step {last_good}) in "
               f"{checkpoints.directory} is kept" if last_good else

@@ -37,6 +37,7 @@ import numpy as np
 import sonnet as snt
 import tensorflow as tf
 
+from sonnet_vqvae import cli
 from sonnet_vqvae import configs
 from sonnet_vqvae import distribute
 from sonnet_vqvae import hierarchical_prior
@@ -708,14 +709,11 @@ def sample(config: ml_collections.ConfigDict, vqvae_workdir: str,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  try:
-    # `prior --workdir W` alone resumes W's stored config and VQ-VAE.
-    stored = _stored_prior_run(FLAGS.workdir)
-    config = configs.for_run(FLAGS["config"], stored and stored["config"],
-                             os.path.join(FLAGS.workdir, loop.RUN_FILE))
-    validate_config(config)
-  except (ValueError, rundir.RunDirError) as e:
-    sys.exit(f"prior: {e}")  # A bad config or run.json: one line.
+  # `prior --workdir W` alone resumes W's stored config and VQ-VAE.
+  stored = _stored_prior_run(FLAGS.workdir)
+  config = configs.for_run(FLAGS["config"], stored and stored["config"],
+                           os.path.join(FLAGS.workdir, loop.RUN_FILE))
+  validate_config(config)  # Before any work.
   vqvae_workdir = FLAGS.vqvae_workdir or (stored or {}).get("vqvae_workdir")
   if not vqvae_workdir:
     sys.exit(f"prior: --vqvae_workdir is needed: {FLAGS.workdir} holds no "
@@ -759,4 +757,4 @@ if __name__ == "__main__":
   configs.exit_on_unknown_override(sys.argv, "config",
                                    prior_config.get_config())
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -38,6 +38,7 @@ import numpy as np
 import sonnet as snt
 import tensorflow as tf
 
+from sonnet_vqvae import cli
 from sonnet_vqvae import distribute
 from sonnet_vqvae import hierarchical
 from sonnet_vqvae import input_pipeline
@@ -719,15 +720,12 @@ def main(argv: Sequence[str]) -> None:
       config, model = restore_model(workdir)
       evaluate_and_plot(config, model, workdir)
   else:
-    try:
-      # `train --workdir W` alone resumes W's stored config.
-      stored = loop.read_run(workdir)
-      config = configs.for_run(flags.FLAGS["config"],
-                               stored and stored["config"],
-                               os.path.join(workdir, loop.RUN_FILE))
-      validate_config(config)
-    except (ValueError, rundir.RunDirError) as e:
-      sys.exit(f"train: {e}")  # A bad config or run.json: one line.
+    # `train --workdir W` alone resumes W's stored config.
+    stored = loop.read_run(workdir)
+    config = configs.for_run(flags.FLAGS["config"],
+                             stored and stored["config"],
+                             os.path.join(workdir, loop.RUN_FILE))
+    validate_config(config)  # Before any work.
     with loop.exit_when_stopped("train"):
       train_and_evaluate(config, workdir)
 
@@ -752,4 +750,4 @@ if __name__ == "__main__":
       "file's path. Without it, a workdir holding a run resumes that run's "
       "config, with the --config.key=value overrides given.",
       lock_config=True)
-  app.run(main)
+  cli.run(main)

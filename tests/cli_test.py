@@ -1,0 +1,188 @@
+"""The programs' console: one-line user errors, --verbose, the bar and logs."""
+
+import io
+import logging
+import os
+import sys
+from unittest import mock
+
+from absl import flags
+from absl import logging as absl_logging
+from absl.testing import absltest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+import tqdm
+
+from sonnet_vqvae import cli
+from sonnet_vqvae import rundir
+
+
+def _run(main, *args):
+  """cli.run(main) as `prog *args`: (exit code, stderr)."""
+  stderr = io.StringIO()
+  with mock.patch.object(sys, "argv", ["prog", *args]), \
+      mock.patch.object(sys, "stderr", stderr):
+    try:
+      cli.run(main, name="prog")
+    except SystemExit as e:
+      code = e.code
+    finally:
+      flags.FLAGS.unparse_flags()
+  if isinstance(code, str):  # sys.exit(message) prints it to stderr.
+    stderr.write(code + "\n")
+    code = 1
+  return code, stderr.getvalue()
+
+
+def _visible(line):
+  """What a terminal shows of `line`: each "\r" returns to its start."""
+  shown = ""
+  for part in line.split("\r"):
+    shown = part + shown[len(part):]
+  return shown.rstrip()
+
+
+def _raises(error):
+  def main(argv):
+    del argv
+    raise error
+  return main
+
+
+class RunTest(absltest.TestCase):
+
+  def test_user_errors_are_one_line(self):
+    for error in [ValueError("config.num_steps must be positive, got -1."),
+                  FileNotFoundError("No trained run in '/w'."),
+                  ConnectionError("cifar10 is not in data_dir: go online."),
+                  rundir.FingerprintMismatch("'/w' holds another run.")]:
+      code, stderr = _run(_raises(error))
+      self.assertEqual(code, 1)
+      self.assertEqual(stderr.splitlines(),
+                       [f"prog: {error} (--verbose shows the traceback)"])
+
+  def test_verbose_shows_the_traceback(self):
+    with self.assertRaisesRegex(ValueError, "must be positive"):
+      with mock.patch.object(sys, "argv", ["prog", "--verbose"]):
+        try:
+          cli.run(_raises(ValueError("must be positive")), name="prog")
+        finally:
+          flags.FLAGS.unparse_flags()
+
+  def test_other_errors_keep_their_traceback(self):
+    # A bug is not the user's to fix: it is not shortened.
+    with self.assertRaises(KeyError):
+      _run(_raises(KeyError("k")))
+
+  def test_flag_that_fails_to_parse_is_one_line(self):
+    def parse(value):
+      raise OSError(f"cannot read {value}")
+
+    class Parser(flags.ArgumentParser):
+      def parse(self, argument):
+        return parse(argument)
+
+    flags.DEFINE(Parser(), "cli_test_file", None, "A file flag.")
+    try:
+      code, stderr = _run(_raises(AssertionError("not reached")),
+                          "--cli_test_file=x.py")
+      self.assertEqual(code, 1)
+      self.assertEqual(stderr.splitlines(),
+                       ["prog: cannot read x.py (--verbose shows the "
+                        "traceback)"])
+      code, stderr = _run(_raises(AssertionError), "--no_such_flag")
+      self.assertEqual(code, 1)
+      self.assertLen(stderr.splitlines(), 1)
+      self.assertIn("no_such_flag", stderr)
+    finally:
+      delattr(flags.FLAGS, "cli_test_file")
+
+  def test_success_exits_zero(self):
+    code, stderr = _run(lambda argv: None)
+    self.assertIn(code, (0, None))
+    self.assertEqual(stderr, "")
+
+
+class LibraryInfoTest(absltest.TestCase):
+
+  def _record(self, level, path):
+    return logging.LogRecord("absl", level, path, 1, "message", (), None)
+
+  def test_hides_only_tfds_info(self):
+    in_tfds = os.path.join(os.path.dirname(tfds.__file__), "core", "x.py")
+    keep = cli.LIBRARY_INFO_FILTER.filter
+    self.assertFalse(keep(self._record(logging.INFO, in_tfds)))
+    self.assertTrue(keep(self._record(logging.WARNING, in_tfds)))
+    self.assertTrue(keep(self._record(logging.INFO, cli.__file__)))
+    saving = os.path.join(os.path.dirname(tf.__file__), "python",
+                          "saved_model", "save.py")
+    self.assertFalse(keep(self._record(logging.INFO, saving)))
+
+  def test_installed_on_the_console_handlers(self):
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logging.root.addHandler(handler)  # conftest restores the handlers.
+    logging.root.setLevel(logging.INFO)
+    cli.hide_library_info_lines()
+    logging.getLogger("absl").handle(self._record(
+        logging.INFO, os.path.join(os.path.dirname(tfds.__file__), "a.py")))
+    absl_logging.info("ours")
+    self.assertEqual(stream.getvalue(), "ours\n")
+    handler.removeFilter(cli.LIBRARY_INFO_FILTER)
+
+
+class ProgressBarTest(absltest.TestCase):
+
+  def test_log_lines_never_share_the_bars_line(self):
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logging.root.addHandler(handler)  # conftest restores the handlers.
+    with cli.progress_bar(total=10, file=stream, mininterval=0,
+                          ascii=True) as bar:
+      bar.update(3)
+      logging.warning("step 3/10 loss 1.0")
+      bar.update(3)
+    logging.warning("after")
+    out = stream.getvalue()
+    # A line that shows a log message shows nothing else: tqdm blanked the
+    # bar before writing it.
+    for message in ("step 3/10 loss 1.0", "after"):
+      (line,) = [l for l in out.split("\n") if message in l]
+      self.assertEqual(_visible(line), message)
+    # The bar was drawn again after the log line.
+    self.assertIn("6/10", out.split("step 3/10 loss 1.0")[1])
+    self.assertIs(handler.stream, stream)  # Restored when the bar closed.
+
+  def test_plain_tqdm_would_share_the_line(self):
+    # What the redirection prevents: a handler writing while a bar is drawn
+    # appends to the bar's line.
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logging.root.addHandler(handler)
+    with tqdm.tqdm(total=10, file=stream, mininterval=0, ascii=True) as bar:
+      bar.update(3)
+      logging.warning("message")
+    (line,) = [l for l in stream.getvalue().split("\n") if "message" in l]
+    self.assertNotEqual(_visible(line), "message")
+
+  def test_disabled_bar_changes_no_handler(self):
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logging.root.addHandler(handler)
+    with cli.progress_bar(total=10, file=stream, disable=True):
+      self.assertIs(handler.stream, stream)
+
+
+def test_remapper_error_line_is_dropped_at_the_descriptor(capfd):
+  # C++ writes to file descriptor 2, not to sys.stderr.
+  with cli._stderr_lines_kept(lambda line: cli.REMAPPER_ERROR not in line):
+    os.write(2, b"E0000 00:00:1796142501.241688   32038 meta_optimizer.cc:967]"
+                b" remapper failed: INVALID_ARGUMENT: Mutation::Apply error: "
+                b"fanout 'Relu_4' exist for missing node 'add'.\n")
+    os.write(2, b"E0000 00:00:1796142501.241688   32038 other.cc:1] kept\n")
+  assert capfd.readouterr().err == (
+      "E0000 00:00:1796142501.241688   32038 other.cc:1] kept\n")
+
+
+if __name__ == "__main__":
+  absltest.main()
