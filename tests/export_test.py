@@ -1,5 +1,6 @@
 """SavedModel export: loads without our code or Sonnet, in Keras 3, errors."""
 
+import glob
 import json
 import os
 import shutil
@@ -151,14 +152,29 @@ _BAD_INPUT_ERRORS = {
 }
 
 
-def _train_runs(base):
-  vqvae_dir, prior_dir = os.path.join(base, "vqvae"), os.path.join(base, "p")
-  with tfds.testing.mock_data(num_examples=16):
-    train.train(tiny.vqvae_config(num_steps=4), vqvae_dir)
-    prior.train_prior(tiny.prior_config(num_steps=4, log_every=2,
-                                        checkpoint_every=2), vqvae_dir,
-                      prior_dir)
-  return vqvae_dir, prior_dir
+_RUNS = {}
+
+
+def _trained_runs():
+  """(vqvae_dir, prior_dir): tiny runs trained once for the whole module.
+
+  Export only reads a workdir; a test that damages one copies it first.
+  """
+  if not _RUNS:
+    base = _RUNS["base"] = tempfile.mkdtemp()
+    vqvae_dir, prior_dir = os.path.join(base, "vqvae"), os.path.join(base, "p")
+    with tfds.testing.mock_data(num_examples=16):
+      train.train(tiny.vqvae_config(num_steps=4), vqvae_dir)
+      prior.train_prior(tiny.prior_config(num_steps=4, log_every=2,
+                                          checkpoint_every=2), vqvae_dir,
+                        prior_dir)
+    _RUNS["dirs"] = vqvae_dir, prior_dir
+  return _RUNS["dirs"]
+
+
+def tearDownModule():
+  if _RUNS:
+    shutil.rmtree(_RUNS["base"])
 
 
 def _images(n=5, seed=0):
@@ -179,7 +195,7 @@ class ExportTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.base = tempfile.mkdtemp()
-    cls.vqvae_dir, cls.prior_dir = _train_runs(cls.base)
+    cls.vqvae_dir, cls.prior_dir = _trained_runs()
     cls.path = export.export_saved_model(cls.prior_dir,
                                          os.path.join(cls.base, "export"))
 
@@ -321,8 +337,7 @@ class ExportErrorTest(absltest.TestCase):
   @pytest.mark.slow
   def test_non_empty_output_or_corrupt_checkpoint_writes_nothing(self):
     workdir = os.path.join(self.base, "vqvae")
-    with tfds.testing.mock_data(num_examples=16):
-      train.train(tiny.vqvae_config(num_steps=2), workdir)
+    shutil.copytree(_trained_runs()[0], workdir)
     os.makedirs(self.output)
     with open(os.path.join(self.output, "mine.txt"), "w") as f:
       f.write("keep")
@@ -330,11 +345,11 @@ class ExportErrorTest(absltest.TestCase):
       export.export_saved_model(workdir, self.output)
     self.assertEqual(_tree(self.output), ["mine.txt"])
 
-    checkpoints = os.path.join(workdir, "checkpoints")
-    for name in os.listdir(checkpoints):
-      if name.startswith("ckpt-2.data"):
-        with open(os.path.join(checkpoints, name), "r+b") as f:
-          f.truncate(100)
+    # The newest checkpoint, the one export restores, is truncated.
+    newest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    for path in glob.glob(newest + ".data*"):
+      with open(path, "r+b") as f:
+        f.truncate(100)
     fresh = os.path.join(self.base, "fresh")
     with self.assertRaises(rundir.RunDirError):
       export.export_saved_model(workdir, fresh)
@@ -343,17 +358,26 @@ class ExportErrorTest(absltest.TestCase):
 
   @pytest.mark.slow
   def test_command_line(self):
-    workdir = os.path.join(self.base, "vqvae")
-    with tfds.testing.mock_data(num_examples=16):
-      train.train(tiny.vqvae_config(num_steps=2), workdir)
+    workdir = _trained_runs()[0]
     command = [sys.executable, "-m", "sonnet_vqvae.export",
                f"--workdir={workdir}", f"--output={self.output}"]
-    subprocess.run(command, check=True, cwd=_REPO, capture_output=True)
+    first = subprocess.run(command, check=True, cwd=_REPO,
+                           capture_output=True, text=True)
     self.assertIn("saved_model.pb", os.listdir(self.output))
+    # No alarming lines: grappler's remapper error, "untraced functions"
+    # (every signature works), TF's start-up lines twice.
+    self.assertNotIn("remapper failed", first.stderr)
+    self.assertNotIn("untraced functions", first.stderr)
+    startup = [line.split("] ", 1)[-1] for line in first.stderr.splitlines()
+               if "port.cc" in line or "cudart_stub.cc" in line]
+    self.assertEqual(len(startup), len(set(startup)), first.stderr)
     again = subprocess.run(command, cwd=_REPO, capture_output=True,
                            text=True)
     self.assertNotEqual(again.returncode, 0)
-    self.assertIn("exists and is not an empty directory", again.stderr)
+    # A user error: one line, no traceback.
+    (line,) = [l for l in again.stderr.splitlines() if "export" in l]
+    self.assertTrue(line.startswith("export: "), line)
+    self.assertIn("exists and is not an empty directory", line)
     self.assertNotIn("Traceback", again.stderr)
 
 
