@@ -13,9 +13,7 @@
   download, a non-finite loss) is one line on stderr, `<program>: <message>`,
   and exit status 1; `--verbose` re-raises it with its traceback;
 * the INFO lines of tensorflow_datasets and of TF's SavedModel writer are not
-  shown (`--verbose` shows them);
-* grappler's "remapper failed" line about the training graph is not shown
-  (`REMAPPER_ERROR`).
+  shown (`--verbose` shows them).
 
 `progress_bar` is the training loops' tqdm bar: while it is open, log lines
 are written above it, never on its line. `import_tensorflow_once` imports
@@ -64,9 +62,8 @@ def run(main: Callable[[List[str]], None], name: Optional[str] = None) -> None:
                       "Show errors with their traceback, and the INFO lines "
                       "of tensorflow_datasets.")
   name = name or _program_name()
-  with _stderr_lines_kept(lambda line: REMAPPER_ERROR not in line):
-    app.run(functools.partial(_main, main, name),
-            flags_parser=functools.partial(_parse_flags, name))
+  app.run(functools.partial(_main, main, name),
+          flags_parser=functools.partial(_parse_flags, name))
 
 
 def _program_name() -> str:
@@ -215,13 +212,6 @@ def progress_bar(**kwargs) -> tqdm.tqdm:
 # TF's start-up lines: "I0000 00:00:1796139977.553378    6851 port.cc:153] ...",
 # keyed without their time stamp and thread id.
 _LOG_PREFIX = re.compile(rb"^[IWEF]\d{4} [\d:.]+\s+\d+ ")
-
-# Grappler's remapper fails on the VQ-VAE's training graph (its fused
-# conv + add rewrite of the residual stack; the graph then runs unfused,
-# correctly) and says so in one ERROR line at every compile. The stack's
-# inference graphs avoid it (`networks.ResidualStack`); this line is hidden.
-REMAPPER_ERROR = b"remapper failed: INVALID_ARGUMENT: Mutation::Apply error"
-
 
 @contextlib.contextmanager
 def _stderr_lines_kept(keep: Callable[[bytes], bool]) -> Iterator[None]:
