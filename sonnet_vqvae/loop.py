@@ -10,11 +10,13 @@ functions, which own everything a run does to its workdir:
 * `restore` restores the newest checkpoint (never starting from scratch over
   checkpoints it could not read) and drops metrics rows of steps a resumed
   run will redo;
-* `make_loop` turns a replica step into a compiled loop that runs many steps
-  per call on the device (a `tf.while_loop` over the distributed iterator),
-  sums the metrics there and stops at a non-finite loss; `update` is the
-  replica step's guarded optimizer update and `FastestLoop` times candidate
-  loops (XLA or not) on the first steps and keeps the faster;
+* `make_loop` turns a replica step into a compiled loop that runs a fixed
+  number of steps per call on the device (a `tf.while_loop` on a counter
+  over the distributed iterator), sums the metrics there and, from a step
+  with a non-finite loss on, changes nothing (a flag on the device);
+  `update` is the replica step's guarded optimizer update and `FastestLoop`
+  times candidate loops (XLA or not) on the first steps and keeps the
+  faster;
 * `run` calls the loop up to the next log or checkpoint step at a time,
   writes the metadata just before the first checkpoint, logs windowed means
   to `metrics.jsonl`, TensorBoard and the log, saves checkpoints, and stops
@@ -242,6 +244,11 @@ def mean_over_replicas(value: Any) -> Any:
   return value
 
 
+# The `stopped` flag of the `make_loop` step being traced, per thread
+# (MirroredStrategy traces each replica in its own thread), for `update`.
+_GUARD = threading.local()
+
+
 def snapshot(variables: Sequence[tf.Variable]
              ) -> "list[tuple[tf.Variable, tf.Tensor]]":
   """The values of `variables` now, for `update(..., kept=...)`.
@@ -281,6 +288,9 @@ def update(optimizer: optim.Adam, params: Sequence[tf.Variable],
   """
   grads, loss = mean_over_replicas((list(grads), loss))
   good = tf.math.is_finite(loss)
+  stopped = getattr(_GUARD, "stopped", None)
+  if stopped is not None:  # In `make_loop`: nothing changes after a bad step.
+    good = tf.logical_and(good, tf.logical_not(stopped))
   apply_if = good
   if loss_scale is not None:
     # A bad step leaves the scale too; an overflow alone only skips the update.
@@ -300,15 +310,22 @@ def make_loop(replica_step: Callable[[Any], Mapping[str, tf.Tensor]],
               ) -> Callable[[Iterator[Any], tf.Tensor], Dict[str, Any]]:
   """Compiles `replica_step` into a loop that runs many steps per call.
 
-  One call runs up to `num_steps` steps in a `tf.while_loop` over the
-  distributed iterator, on the device, and sums the metrics there: the host
-  makes one call and one read per loop instead of one per step (the pattern
-  of Keras' steps_per_execution and orbit's loops, which TPUs need).
+  One call runs `num_steps` steps in a `tf.while_loop` over the distributed
+  iterator, on the device, and sums the metrics there: the host makes one
+  call and one read per loop instead of one per step (the pattern of Keras'
+  steps_per_execution and orbit's loops, which TPUs need). The loop's
+  predicate is its counter alone, so the host never waits on a step's
+  outputs to dispatch the next, and the replica step is traced once.
+
+  The non-finite guard lives on the device: the loop carries `stopped`, set
+  by the first step whose loss is not finite. The steps after it in the same
+  call still run (the count is fixed) but change nothing: `update` reads the
+  flag and skips their updates, and their metrics are left out.
 
   Args:
-    replica_step: batch -> dict of scalar float32 metrics averaged over the
-      replicas (`mean_over_replicas`), among them `loss`; it updates the model
-      (with `update`, so a non-finite loss changes no parameter).
+    replica_step: batch -> dict of scalar metrics averaged over the replicas
+      (`mean_over_replicas`), among them `loss`; it updates the model with
+      `update`, so a non-finite loss changes nothing.
     strategy: the strategy the model's variables live under.
     jit_compile: XLA-compile the replica step. The iterator and the loop stay
       outside the compiled cluster. TPUs compile every step anyway.
@@ -316,11 +333,12 @@ def make_loop(replica_step: Callable[[Any], Mapping[str, tf.Tensor]],
   Returns:
     train_loop(iterator, num_steps) for a scalar int32 tensor num_steps >= 1
     (a tensor: each new Python int would trace again), returning
-      steps: int32, steps run: num_steps, or fewer when one's loss was not
-        finite (the loop stops after it);
-      finite: bool, False when the last step's loss was not finite;
+      steps: int32, the steps that updated the model: num_steps, or up to
+        and including the first one whose loss was not finite;
+      finite: bool, False when a step's loss was not finite (then the step
+        `steps` is that one);
       sums: the metrics summed over the steps with a finite loss;
-      last: the last step's metrics.
+      last: the metrics of step `steps`.
 
   Raises:
     ValueError: jit_compile with several replicas on CPUs, which TF cannot
@@ -334,33 +352,59 @@ def make_loop(replica_step: Callable[[Any], Mapping[str, tf.Tensor]],
           "MirroredStrategy compiles a replica step with XLA only on GPUs "
           "(its cross-replica sums cannot be compiled on CPUs). Use "
           "jit_compile='auto' or False, or one replica (strategy='default').")
-    replica_step = tf.function(replica_step, jit_compile=True)
 
-  def one_step(iterator):
-    metrics = strategy.run(replica_step, args=(next(iterator),))
+  def guarded_step(batch, stopped):
+    _GUARD.stopped = stopped
+    try:
+      return replica_step(batch)
+    finally:
+      _GUARD.stopped = None
+
+  if jit_compile and not distribute.is_tpu(strategy):
+    guarded_step = tf.function(guarded_step, jit_compile=True)
+
+  # The metrics' names, known once the step is traced inside the loop: the
+  # loop carries them as one vector, so nothing needs their structure before.
+  names = []
+
+  def step_metrics(iterator, stopped):
+    metrics = strategy.run(guarded_step, args=(next(iterator), stopped))
     # Already averaged over the replicas: every replica holds the same value.
-    return {k: strategy.experimental_local_results(v)[0]
-            for k, v in metrics.items()}
-
-  def finite_only(metrics, finite):
-    return {k: tf.where(finite, v, tf.zeros_like(v))
-            for k, v in metrics.items()}
+    metrics = {k: strategy.experimental_local_results(v)[0]
+               for k, v in metrics.items()}
+    names[:] = sorted(metrics)
+    return tf.stack([tf.cast(metrics[k], tf.float32) for k in names])
 
   @tf.function
   def train_loop(iterator, num_steps):
-    last = one_step(iterator)
-    finite = tf.math.is_finite(last["loss"])
-    sums = finite_only(last, finite)
-    steps = tf.constant(1)
-    while finite and steps < num_steps:  # AutoGraph: a tf.while_loop.
-      last = one_step(iterator)
-      finite = tf.math.is_finite(last["loss"])
-      sums = {k: v + w for (k, v), w in
-              zip(sums.items(), finite_only(last, finite).values())}
-      steps += 1
-    return {"steps": steps, "finite": finite, "sums": sums, "last": last}
+    def body(i, stopped, bad_step, sums, last):
+      values = step_metrics(iterator, stopped)
+      finite = tf.math.is_finite(values[names.index("loss")])
+      bad = tf.logical_and(tf.logical_not(stopped), tf.logical_not(finite))
+      good = tf.logical_and(tf.logical_not(stopped), finite)
+      # The first pass grows the empty vectors to the metrics' size.
+      sums = _padded(sums, values) + tf.where(good, values, 0.)
+      last = tf.where(stopped, _padded(last, values), values)
+      return (i + 1, tf.logical_or(stopped, bad),
+              tf.where(bad, i + 1, bad_step), sums, last)
+
+    empty = tf.zeros([0])
+    _, stopped, bad_step, sums, last = tf.while_loop(
+        lambda i, *_: i < num_steps, body,
+        (tf.constant(0), tf.constant(False), tf.constant(0), empty, empty),
+        shape_invariants=(None, None, None, tf.TensorShape([None]),
+                          tf.TensorShape([None])))
+    return {"steps": tf.where(stopped, bad_step, num_steps),
+            "finite": tf.logical_not(stopped),
+            "sums": {k: sums[j] for j, k in enumerate(names)},
+            "last": {k: last[j] for j, k in enumerate(names)}}
 
   return train_loop
+
+
+def _padded(vector: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
+  """`vector` zero-padded at the end to the size of `like`."""
+  return tf.pad(vector, [[0, tf.size(like) - tf.size(vector)]])
 
 
 class FastestLoop:

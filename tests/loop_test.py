@@ -117,9 +117,74 @@ class LoopTest(parameterized.TestCase):
                     _state(reference, reference_optimizer)):
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     self.assertEqual(int(optimizer.step.numpy()), 2)
-    # The iterator stands after the bad batch: nothing more was read.
-    np.testing.assert_array_equal(
-        next(iterator), list(_batches(6).skip(3).take(1))[0])
+    # The call ran its fixed count: the good batches after the bad one ran
+    # too, and changed nothing (compared above).
+    with self.assertRaises(StopIteration):
+      next(iterator)
+
+  def test_the_loop_predicate_reads_only_its_counter(self):
+    model, optimizer = _model()
+    train_loop = train.make_train_loop(model, optimizer,
+                                       tf.distribute.get_strategy(), False)
+    graph = train_loop.get_concrete_function(
+        iter(_batches(2)), tf.TensorSpec([], tf.int32)).graph
+    whiles = [op for op in graph.get_operations()
+              if op.type in ("While", "StatelessWhile")]
+    self.assertLen(whiles, 1)
+    cond = graph._functions[  # pylint: disable=protected-access
+        whiles[0].get_attr("cond").name].graph
+
+    def ancestors(tensors):
+      seen, todo = set(), list(tensors)
+      while todo:
+        op = todo.pop().op
+        if op.name not in seen:
+          seen.add(op.name)
+          todo.extend(op.inputs)
+      return seen
+
+    # The cond function's arguments are the While's inputs, one for one.
+    read = ancestors(cond.outputs) & {t.op.name for t in cond.inputs}
+    used = [whiles[0].inputs[i] for i, t in enumerate(cond.inputs)
+            if t.op.name in read]
+    # The counter (from the constant 0) and num_steps; never `stopped`, the
+    # metrics or anything a step computes.
+    self.assertLen(used, 2)
+    self.assertEqual(used[0].op.type, "Const")
+    self.assertEqual(tf.get_static_value(used[0]), 0)
+    self.assertEqual(used[1].op.type, "Placeholder")
+    self.assertIn("num_steps", used[1].op.name)
+
+  def test_the_replica_step_is_traced_once(self):
+    model, optimizer = _model()
+    step = train.make_replica_step(model, optimizer)
+    traces = []
+
+    def counted(images):
+      traces.append(1)
+      return step(images)
+
+    train_loop = loop.make_loop(counted, tf.distribute.get_strategy())
+    iterator = iter(_batches(6))
+    train_loop(iterator, tf.constant(2))
+    train_loop(iterator, tf.constant(3))
+    self.assertLen(traces, 1)
+
+  def test_a_nan_at_step_k_leaves_the_state_of_step_k_minus_1(self):
+    strategy = tf.distribute.get_strategy()
+    (model, optimizer), (reference, ref_optimizer) = _model(), _model()
+    _copy(model, reference)
+    _copy(optimizer, ref_optimizer)
+    k = 4
+    out = train.make_train_loop(model, optimizer, strategy, False)(
+        iter(_batches(6, nan_at=k - 1)), tf.constant(6))
+    self.assertEqual(int(out["steps"]), k)
+    self.assertFalse(bool(out["finite"]))
+    train.make_train_loop(reference, ref_optimizer, strategy, False)(
+        iter(_batches(6)), tf.constant(k - 1))
+    for a, b in zip(_state(model, optimizer),
+                    _state(reference, ref_optimizer)):
+      np.testing.assert_array_equal(a, b)
 
   @pytest.mark.slow
   def test_two_replicas_loop_matches_one(self):
