@@ -28,6 +28,15 @@ from sonnet_vqvae import distribute
 # of rows, so that memory stays O(chunk * K) instead of O(N * K).
 _CHUNK_ELEMENTS = 1 << 24
 
+# Where matmuls round their operands (`reduced_precision_matmul`), the search
+# re-ranks this many candidates of the matmul's scores exactly.
+RERANK_CANDIDATES = 8
+
+# An input vector whose squared norm exceeds this (or overflows) counts as
+# non-finite: its share of the EMA statistics could overflow them, or leave a
+# code out at 1e15. Encoders' outputs are many orders of magnitude smaller.
+MAX_SQUARED_NORM = 1e30
+
 
 # Moved to `distribute`; kept here for existing callers.
 replica_consistent_variables = distribute.replica_consistent_variables
@@ -222,34 +231,103 @@ def rotation_trick(inputs: tf.Tensor, codes: tf.Tensor) -> tf.Tensor:
   return rotated + tf.stop_gradient(codes - rotated)
 
 
+def reduced_precision_matmul() -> bool:
+  """Whether float32 matmuls here may round their operands.
+
+  TPUs multiply float32 in bfloat16 passes by default, and TF runs them in
+  TF32 on Ampere and newer GPUs (`tf.config.experimental.
+  enable_tensor_float_32_execution`, on by default); CPUs in float32.
+  """
+  if tf.config.list_logical_devices("TPU"):
+    return True
+  return bool(tf.config.list_logical_devices("GPU") and
+              tf.config.experimental.tensor_float_32_execution_enabled())
+
+
+def _matmul(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+  """The search's matmul (tests round its operands as TPUs do)."""
+  return tf.matmul(a, b)
+
+
 def _squared_distances(flat_inputs: tf.Tensor, codebook: tf.Tensor) -> tf.Tensor:
   """[N, D] x [D, K] -> [N, K] squared Euclidean distances (reference formula)."""
   return (tf.reduce_sum(flat_inputs**2, 1, keepdims=True) -
-          2 * tf.matmul(flat_inputs, codebook) +
+          2 * _matmul(flat_inputs, codebook) +
           tf.reduce_sum(codebook**2, 0, keepdims=True))
 
 
+def _nearest_codes(flat_inputs: tf.Tensor, codebook: tf.Tensor) -> tf.Tensor:
+  """[N] int64 indices of the nearest codes, by the reference formula."""
+  # |x|^2 does not change the argmin over codes, so it is left out.
+  return tf.argmin(0.5 * tf.reduce_sum(codebook**2, 0, keepdims=True) -
+                   _matmul(flat_inputs, codebook), axis=1)
+
+
+def _nearest_codes_reranked(flat_inputs: tf.Tensor,
+                            codebook: tf.Tensor) -> tf.Tensor:
+  """[N] int64 indices of the nearest codes, float32's even if matmuls round.
+
+  A matmul whose operands are rounded (bfloat16 on TPUs, TF32 on GPUs) errs
+  by about |x| |c| 2^-8 on each x.c, enough to pick a neighbour of the
+  nearest code when codes sit close together far from the origin. So the
+  matmul only proposes: inputs and codes are centred on the codebook's mean
+  (distances do not change, |x| |c| shrinks), the RERANK_CANDIDATES codes of
+  the best approximate scores are kept, and the nearest of those by exact
+  float32 differences sum((x - c)^2) is the answer.
+  """
+  mean = tf.reduce_mean(codebook, axis=1)
+  centred = codebook - mean[:, None]
+  scores = (0.5 * tf.reduce_sum(centred**2, 0, keepdims=True) -
+            _matmul(flat_inputs - mean, centred))
+  num_candidates = min(RERANK_CANDIDATES, codebook.shape[1])
+  _, candidates = tf.math.top_k(-scores, k=num_candidates)  # [N, C]
+  vectors = tf.gather(tf.transpose(codebook), candidates)  # [N, C, D]
+  exact = tf.reduce_sum(
+      tf.math.squared_difference(flat_inputs[:, None], vectors), axis=2)
+  best = tf.argmin(exact, axis=1, output_type=tf.int32)
+  return tf.cast(tf.gather(candidates, best, batch_dims=1), tf.int64)
+
+
 def _nearest_codes_chunked(flat_inputs: tf.Tensor, codebook: tf.Tensor,
-                           chunk_rows: int) -> tf.Tensor:
+                           chunk_rows: int, nearest=_nearest_codes
+                           ) -> tf.Tensor:
   """Indices [N] of the nearest codes, searching `chunk_rows` inputs at a time."""
   num_inputs = tf.shape(flat_inputs)[0]
   num_chunks = (num_inputs + chunk_rows - 1) // chunk_rows
   padded = tf.pad(flat_inputs, [[0, num_chunks * chunk_rows - num_inputs], [0, 0]])
   chunks = tf.reshape(padded, [num_chunks, chunk_rows, flat_inputs.shape[1]])
-  # |x|^2 does not change the argmin over codes, so it is left out.
-  half_code_norms = 0.5 * tf.reduce_sum(codebook**2, 0, keepdims=True)
-
-  def nearest(chunk):
-    return tf.argmin(half_code_norms - tf.matmul(chunk, codebook), axis=1)
-
   # One chunk at a time: running chunks in parallel would bring back the memory.
-  indices = tf.map_fn(nearest, chunks, fn_output_signature=tf.int64,
-                      parallel_iterations=1)
+  indices = tf.map_fn(lambda chunk: nearest(chunk, codebook), chunks,
+                      fn_output_signature=tf.int64, parallel_iterations=1)
   return tf.reshape(indices, [-1])[:num_inputs]
 
 
+def _pool_over_replicas(points: tf.Tensor, valid: tf.Tensor
+                        ) -> "tuple[tf.Tensor, tf.Tensor]":
+  """Every replica's [N, D] `points` and [N] `valid`, on every replica.
+
+  Returns ([R * N, D], [R * N]) in replica order (the global batch's), or the
+  arguments with one replica. Each replica writes its rows into its own slot
+  of a zero tensor, summed over replicas: an all-reduce, which is ordered
+  with the step's other collectives (all_gather is not).
+  """
+  context = _replica_context()
+  if context is None:
+    return points, valid
+  # Invalid rows travel as zeros, flagged in an extra column.
+  rows = tf.concat([tf.where(valid[:, None], points, tf.zeros_like(points)),
+                    tf.cast(valid, points.dtype)[:, None]], axis=1)
+  mine = tf.equal(tf.range(context.num_replicas_in_sync),
+                  context.replica_id_in_sync_group)
+  pooled = context.all_reduce(
+      tf.distribute.ReduceOp.SUM,
+      tf.where(mine[:, None, None], rows[None], tf.zeros_like(rows)[None]))
+  pooled = tf.reshape(pooled, [-1, rows.shape[1]])
+  return pooled[:, :-1], pooled[:, -1] > 0
+
+
 def _kmeans(points: tf.Tensor, valid: tf.Tensor, num_clusters: int,
-            num_iters: int, seed: tf.Tensor) -> tf.Tensor:
+            num_iters: int, seed: tf.Tensor, nearest=None) -> tf.Tensor:
   """Lloyd's k-means with k-means++ seeding, of the `valid` points only.
 
   Args:
@@ -260,6 +338,8 @@ def _kmeans(points: tf.Tensor, valid: tf.Tensor, num_clusters: int,
     num_iters: number of Lloyd iterations after seeding.
     seed: int32 [2] seed of the stateless random ops (the same seed gives the
       same centres on every replica).
+    nearest: (points, centres [D, K]) -> [M] indices, the search assigning
+      points to centres; None: the argmin of `_squared_distances`.
 
   Returns:
     [D, K] centres (columns), in the codebook layout.
@@ -290,8 +370,11 @@ def _kmeans(points: tf.Tensor, valid: tf.Tensor, num_clusters: int,
                                 (tf.constant(1), centres, min_sq_dist))
 
   def lloyd_step(i, centres):
-    assignment = tf.argmin(
-        _squared_distances(points, tf.transpose(centres)), axis=1)
+    if nearest is None:
+      assignment = tf.argmin(
+          _squared_distances(points, tf.transpose(centres)), axis=1)
+    else:
+      assignment = nearest(points, tf.transpose(centres))
     # Invalid points go to an extra segment, dropped.
     segments = tf.where(valid, assignment, num_clusters)
     sums = tf.math.unsorted_segment_sum(points, segments,
@@ -445,7 +528,8 @@ class _Quantizer(snt.Module):
       is_training: whether to update the codebook statistics (EMA, usage,
         restarts, k-means initialisation).
 
-    Non-finite input vectors (any NaN or +-Inf component) are left out of
+    Non-finite input vectors (any NaN or +-Inf component, or a squared norm
+    above MAX_SQUARED_NORM = 1e30, which counts as one) are left out of
     every statistic: code counts and summed vectors of the EMA, the usage EMA,
     `perplexity` and `codes_used`, dead-code restarts and k-means (never drawn
     as new codes). The state after a training step is the one the batch
@@ -453,8 +537,13 @@ class _Quantizer(snt.Module):
     random draws do not depend on the batch size, as on CPU). A step whose
     global batch holds no finite vector (all non-finite, or empty) changes no
     state at all. Such a vector gets code 0 in `encoding_indices` and
-    `encodings`, non-finite `distances`, a non-finite `quantize` row and
-    `loss`, so that a caller's non-finite guard sees it.
+    `encodings`, NaN `distances`, a NaN `quantize` row and a NaN `loss`, so
+    that a caller's non-finite guard sees it.
+
+    The search is float32's whatever the hardware's matmul precision: where
+    matmuls round their operands (TPUs, TF32 GPUs) the matmul proposes
+    RERANK_CANDIDATES codes, re-ranked by exact float32 differences
+    (`_nearest_codes_reranked`); `distances` stays the matmul's.
 
     Returns:
       dict with
@@ -482,9 +571,14 @@ class _Quantizer(snt.Module):
     compute_dtype = self._compute_dtype(inputs)
     flat_inputs = tf.cast(tf.reshape(inputs, [-1, self.embedding_dim]),
                           compute_dtype)
+    # A vector with a NaN or Inf, or whose squared norm exceeds
+    # MAX_SQUARED_NORM (or overflows), is non-finite: NaN from here on.
+    finite = (tf.reduce_sum(tf.square(flat_inputs), axis=1) <=
+              MAX_SQUARED_NORM)
+    flat_inputs = tf.where(finite[:, None], flat_inputs,
+                           tf.constant(float("nan"), compute_dtype))
     if self.cosine:
       flat_inputs = tf.math.l2_normalize(flat_inputs, axis=1)
-    finite = tf.reduce_all(tf.math.is_finite(flat_inputs), axis=1)
 
     if is_training and (self.kmeans_init or self.dead_code_threshold > 0):
       self._maintain_codebook(flat_inputs, finite)
@@ -494,11 +588,15 @@ class _Quantizer(snt.Module):
     num_inputs = flat_inputs.shape[0]
     large = (num_inputs is not None and
              num_inputs * self.num_embeddings > _CHUNK_ELEMENTS)
+    rerank = reduced_precision_matmul()
     if large and not tf.executing_eagerly():
       # Under tf.function `distances` is only computed if the caller uses it.
       flat_indices = _nearest_codes_chunked(
           flat_inputs, codebook,
-          max(1, _CHUNK_ELEMENTS // self.num_embeddings))
+          max(1, _CHUNK_ELEMENTS // self.num_embeddings),
+          _nearest_codes_reranked if rerank else _nearest_codes)
+    elif rerank:
+      flat_indices = _nearest_codes_reranked(flat_inputs, codebook)
     else:
       flat_indices = tf.argmin(distances, axis=1)
     # The argmin of NaN distances is unspecified: code 0 instead.
@@ -560,9 +658,11 @@ class _Quantizer(snt.Module):
                          finite: tf.Tensor) -> None:
     """k-means initialisation on the first step, then dead-code restarts.
 
-    Both draw from the `finite` [N] rows of the [N, D] `flat_inputs` only,
-    and do nothing without one.
+    Both draw from the `finite` [N] rows of the [N, D] `flat_inputs` of
+    every replica (the global batch) only, and do nothing without one.
     """
+    # Every replica's vectors on every replica (replicas' batches differ).
+    flat_inputs, finite = _pool_over_replicas(flat_inputs, finite)
     has_points = tf.reduce_any(finite)
     seed = tf.stack([tf.constant(self._seed, tf.int32),
                      tf.cast(self.training_steps, tf.int32)])
@@ -576,7 +676,9 @@ class _Quantizer(snt.Module):
       codebook = tf.cond(
           first_step & has_points & untouched,
           lambda: _kmeans(flat_inputs, finite, self.num_embeddings,
-                          self.kmeans_iters, seed),
+                          self.kmeans_iters, seed,
+                          _nearest_codes_reranked
+                          if reduced_precision_matmul() else None),
           lambda: codebook)
     dead = tf.zeros([self.num_embeddings], tf.bool)
     if self.dead_code_threshold > 0:
@@ -587,8 +689,9 @@ class _Quantizer(snt.Module):
           lambda: self._random_points(flat_inputs, finite, seed),
           lambda: codebook)
       codebook = tf.where(dead[None], restarted, codebook)
-    # New codes come from replica 0's batch: its codebook and restart mask
-    # (the last row), broadcast once, make every replica's choice.
+    # Every replica computed them from the same pooled vectors; replica 0's
+    # codebook and restart mask (the last row), broadcast once, make the
+    # choice bit for bit (kernels such as GPU segment sums need not be).
     merged = _broadcast_from_first_replica(
         tf.concat([codebook, tf.cast(dead, codebook.dtype)[None]], axis=0))
     codebook, dead = merged[:-1], merged[-1] > 0

@@ -573,5 +573,148 @@ class CodebookHealthTest(parameterized.TestCase):
         rtol=1e-5)
 
 
+def _bfloat16_matmul(a, b):
+  """tf.matmul with operands rounded to bfloat16: a TPU's default precision."""
+  def rounded(t):
+    return tf.cast(tf.cast(t, tf.bfloat16), t.dtype)
+  return tf.matmul(rounded(a), rounded(b))
+
+
+def _search_cases():
+  """(name, inputs [N, D], codebook [D, K]) on which a rounding matmul errs."""
+  rng = np.random.RandomState(0)
+  d, k, n = 64, 512, 4096
+  cases = []
+  for offset in (3, 10):  # offset / spread: a common offset, spread 1
+    cases.append((f"offset{offset}", offset + rng.randn(n, d),
+                  offset + rng.randn(d, k)))
+  # Clusters of 8 close codes far from the origin, inputs among them.
+  centres = 10 + rng.randn(k // 8, d)
+  codes = np.repeat(centres, 8, axis=0) + 0.05 * rng.randn(k, d)
+  inputs = np.repeat(centres, n // (k // 8), axis=0) + 0.05 * rng.randn(n, d)
+  cases.append(("clusters_of_8", inputs, codes.T))
+  return [(name, x.astype(np.float32), c.astype(np.float32))
+          for name, x, c in cases]
+
+
+def _float64_codes(inputs, codebook):
+  x, c = inputs.astype(np.float64), codebook.astype(np.float64)
+  return ((x**2).sum(1)[:, None] - 2 * x @ c + (c**2).sum(0)).argmin(1)
+
+
+class SearchPrecisionTest(parameterized.TestCase):
+
+  def _codes(self, inputs, codebook, rerank, jit=False):
+    vq = quantizers.VectorQuantizerEMA(codebook.shape[0], codebook.shape[1],
+                                       0.25, 0.9)
+    vq.embeddings.assign(codebook)
+    with mock.patch.object(quantizers, "_matmul", _bfloat16_matmul), \
+        mock.patch.object(quantizers, "reduced_precision_matmul",
+                          lambda: rerank):
+      search = tf.function(
+          lambda x: vq(x, is_training=False)["encoding_indices"],
+          jit_compile=jit)
+      return search(tf.constant(inputs)).numpy()
+
+  def test_bfloat16_matmuls_pick_float64_codes(self):
+    for name, inputs, codebook in _search_cases():
+      expected = _float64_codes(inputs, codebook)
+      agree = np.mean(self._codes(inputs, codebook, True) == expected)
+      self.assertGreaterEqual(agree, 0.999, name)
+      # Without re-ranking, the rounding matmul picks other codes.
+      plain = np.mean(self._codes(inputs, codebook, False) == expected)
+      self.assertLess(plain, 0.99, name)
+
+  def test_chunked_and_xla_searches_rerank_too(self):
+    _, inputs, codebook = _search_cases()[-1]
+    inputs = inputs[:1000]
+    expected = _float64_codes(inputs, codebook)
+    # A small chunk budget forces the chunked search with a ragged last chunk.
+    with mock.patch.object(quantizers, "_CHUNK_ELEMENTS", 512 * 300):
+      chunked = self._codes(inputs, codebook, True)
+    self.assertGreaterEqual(np.mean(chunked == expected), 0.999)
+    xla = self._codes(inputs, codebook, True, jit=True)
+    self.assertGreaterEqual(np.mean(xla == expected), 0.999)
+
+  def test_reduced_precision_is_detected_by_device(self):
+    def devices(tpus=(), gpus=()):
+      return lambda kind: {"TPU": list(tpus), "GPU": list(gpus)}.get(kind, [])
+    with mock.patch.object(tf.config, "list_logical_devices", devices()):
+      self.assertFalse(quantizers.reduced_precision_matmul())
+    with mock.patch.object(tf.config, "list_logical_devices",
+                           devices(tpus=["TPU:0"])):
+      self.assertTrue(quantizers.reduced_precision_matmul())
+    with mock.patch.object(tf.config, "list_logical_devices",
+                           devices(gpus=["GPU:0"])):
+      self.assertTrue(quantizers.reduced_precision_matmul())
+      with mock.patch.object(tf.config.experimental,
+                             "tensor_float_32_execution_enabled",
+                             lambda: False):
+        self.assertFalse(quantizers.reduced_precision_matmul())
+
+
+class HugeInputsTest(parameterized.TestCase):
+
+  @parameterized.product(ema=[False, True], value=[3e38, 1e30, -1e16])
+  def test_huge_finite_vectors_count_as_non_finite(self, ema, value):
+    vq = _make(ema, embedding_dim=64, kmeans_init=True,
+               dead_code_threshold=0.5)
+    out = vq(tf.fill([4, 64], value), is_training=True)
+    self.assertEqual(int(out["nonfinite_inputs"]), 4)
+    self.assertTrue(np.isnan(float(out["loss"])))
+    self.assertEqual(int(vq.training_steps), 0)  # nothing changed
+    for seed in range(5):
+      vq(_inputs([32, 64], seed=seed), is_training=True)
+    codebook = vq.embeddings.numpy()
+    self.assertTrue(np.all(np.isfinite(codebook)))
+    self.assertLess(np.abs(codebook).max(), 100.)
+    for variable in vq.variables:
+      self.assertTrue(np.all(np.isfinite(variable.numpy())), variable.name)
+
+  def test_the_bound_is_on_the_squared_norm(self):
+    vq = _make(True, embedding_dim=4)
+    bound = np.sqrt(quantizers.MAX_SQUARED_NORM / 4)
+    inputs = np.stack([np.full(4, 0.99 * bound), np.full(4, 1.01 * bound)])
+    out = vq(tf.constant(inputs, tf.float32), is_training=False)
+    self.assertEqual(int(out["nonfinite_inputs"]), 1)
+    self.assertTrue(np.isfinite(out["quantize"].numpy()[0]).all())
+    self.assertTrue(np.isnan(out["quantize"].numpy()[1]).all())
+
+
+class PooledReplicaTest(parameterized.TestCase):
+
+  @parameterized.parameters(tf.distribute.MirroredStrategy,
+                            snt.distribute.Replicator)
+  def test_kmeans_draws_from_every_replica(self, strategy_class):
+    strategy = _two_replica_strategy(strategy_class)
+    rng = np.random.RandomState(0)
+    # 16 clusters, 8 on each replica: replica 0's around +10, replica 1's
+    # around -10, 2 vectors of each cluster per replica.
+    centres = np.concatenate([10 + rng.randn(8, 4), -10 + rng.randn(8, 4)])
+    batch = (np.repeat(centres, 2, axis=0) +
+             0.01 * rng.randn(32, 4)).astype(np.float32).reshape(2, 16, 4)
+    options = dict(kmeans_init=True, dead_code_threshold=0.5, seed=3)
+    with strategy.scope():
+      vq = quantizers.VectorQuantizerEMA(4, 16, 0.25, 0.9, **options)
+    single = quantizers.VectorQuantizerEMA(4, 16, 0.25, 0.9, **options)
+
+    @tf.function
+    def step(inputs):
+      return strategy.run(lambda x: vq(x, is_training=True)["codes_used"],
+                          args=(inputs,))
+
+    codes_used = step(strategy.experimental_distribute_values_from_function(
+        lambda ctx: batch[ctx.replica_id_in_sync_group]))
+    expected = single(tf.constant(batch.reshape(32, 4)), is_training=True)
+    first, second = strategy.experimental_local_results(vq.embeddings)
+    np.testing.assert_array_equal(first, second)
+    # The codes cover both replicas' clusters, as one device's on the whole
+    # batch do.
+    self.assertEqual(int(expected["codes_used"]), 16)
+    for value in strategy.experimental_local_results(codes_used):
+      self.assertEqual(int(value), 16)
+    np.testing.assert_allclose(first, single.embeddings, rtol=1e-5, atol=1e-5)
+
+
 if __name__ == "__main__":
   absltest.main()
