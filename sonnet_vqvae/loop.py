@@ -333,12 +333,12 @@ def make_loop(replica_step: Callable[[Any], Mapping[str, tf.Tensor]],
   Returns:
     train_loop(iterator, num_steps) for a scalar int32 tensor num_steps >= 1
     (a tensor: each new Python int would trace again), returning
-      steps: int32, the steps that updated the model: num_steps, or up to
-        and including the first one whose loss was not finite;
-      finite: bool, False when a step's loss was not finite (then the step
-        `steps` is that one);
-      sums: the metrics summed over the steps with a finite loss;
-      last: the metrics of step `steps`.
+      steps: int32, num_steps, or the number (from 1) of the first step
+        whose loss was not finite, which changed nothing, nor did the ones
+        after it;
+      finite: bool, False when a step's loss was not finite (step `steps`);
+      sums: float32 metrics summed over the steps before that one;
+      last: float32 metrics of step `steps`.
 
   Raises:
     ValueError: jit_compile with several replicas on CPUs, which TF cannot
