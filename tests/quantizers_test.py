@@ -655,14 +655,16 @@ class SearchPrecisionTest(parameterized.TestCase):
 
 class HugeInputsTest(parameterized.TestCase):
 
-  @parameterized.product(ema=[False, True], value=[3e38, 1e30, -1e16])
-  def test_huge_finite_vectors_count_as_non_finite(self, ema, value):
-    vq = _make(ema, embedding_dim=64, kmeans_init=True,
-               dead_code_threshold=0.5)
+  @parameterized.product(
+      ema=[False, True], value=[3e38, 1e30, -1e16],
+      options=[{}, dict(kmeans_init=True, dead_code_threshold=0.5)])
+  def test_huge_finite_vectors_count_as_non_finite(self, ema, value, options):
+    vq = _make(ema, embedding_dim=64, **options)
+    before = _state(vq)
     out = vq(tf.fill([4, 64], value), is_training=True)
+    _assert_same_state(_state(vq), before)
     self.assertEqual(int(out["nonfinite_inputs"]), 4)
     self.assertTrue(np.isnan(float(out["loss"])))
-    self.assertEqual(int(vq.training_steps), 0)  # nothing changed
     for seed in range(5):
       vq(_inputs([32, 64], seed=seed), is_training=True)
     codebook = vq.embeddings.numpy()
@@ -708,8 +710,15 @@ class PooledReplicaTest(parameterized.TestCase):
     expected = single(tf.constant(batch.reshape(32, 4)), is_training=True)
     first, second = strategy.experimental_local_results(vq.embeddings)
     np.testing.assert_array_equal(first, second)
+
+    def clusters_with_a_code(codebook):
+      distances = ((centres[:, :, None] - codebook[None])**2).sum(1)
+      return int((distances.min(axis=1) < 1.).sum())
+
     # The codes cover both replicas' clusters, as one device's on the whole
-    # batch do.
+    # batch do (replica 0's alone would cover 8).
+    self.assertEqual(clusters_with_a_code(single.embeddings.numpy()), 16)
+    self.assertEqual(clusters_with_a_code(first.numpy()), 16)
     self.assertEqual(int(expected["codes_used"]), 16)
     for value in strategy.experimental_local_results(codes_used):
       self.assertEqual(int(value), 16)
