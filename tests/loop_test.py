@@ -170,6 +170,7 @@ class LoopTest(parameterized.TestCase):
     train_loop(iterator, tf.constant(3))
     self.assertLen(traces, 1)
 
+  @pytest.mark.nonfinite
   def test_a_nan_at_step_k_leaves_the_state_of_step_k_minus_1(self):
     strategy = tf.distribute.get_strategy()
     (model, optimizer), (reference, ref_optimizer) = _model(), _model()

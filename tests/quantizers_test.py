@@ -653,6 +653,7 @@ class SearchPrecisionTest(parameterized.TestCase):
         self.assertFalse(quantizers.reduced_precision_matmul())
 
 
+@pytest.mark.nonfinite
 class HugeInputsTest(parameterized.TestCase):
 
   @parameterized.product(
