@@ -661,6 +661,7 @@ class HugeInputsTest(parameterized.TestCase):
       options=[{}, dict(kmeans_init=True, dead_code_threshold=0.5)])
   def test_huge_finite_vectors_count_as_non_finite(self, ema, value, options):
     vq = _make(ema, embedding_dim=64, **options)
+    vq(tf.zeros([0, 64]), is_training=False)  # creates every variable
     before = _state(vq)
     out = vq(tf.fill([4, 64], value), is_training=True)
     _assert_same_state(_state(vq), before)
