@@ -69,8 +69,13 @@ def run(main: Callable[[List[str]], None], name: Optional[str] = None) -> None:
 def _program_name() -> str:
   main = sys.modules.get("__main__")
   spec = getattr(main, "__spec__", None)
-  module = spec.name if spec is not None else os.path.splitext(
-      os.path.basename(sys.argv[0]))[0]
+  if spec is not None:
+    module = spec.name
+  else:
+    # Not splitext: a module path given as argv[0] ("sonnet_vqvae.train")
+    # would lose its last part, not a ".py".
+    module = os.path.basename(sys.argv[0])
+    module = module[:-len(".py")] if module.endswith(".py") else module
   return module.rsplit(".", 1)[-1]
 
 

@@ -103,6 +103,17 @@ class RunTest(absltest.TestCase):
     self.assertEqual(stderr, "")
 
 
+class ProgramNameTest(absltest.TestCase):
+
+  def test_named_after_the_module_or_script(self):
+    main = mock.Mock(__spec__=None)
+    for argv0, name in [("sonnet_vqvae.train", "train"),
+                        ("/x/prior.py", "prior"), ("export", "export")]:
+      with mock.patch.dict(sys.modules, {"__main__": main}), \
+          mock.patch.object(sys, "argv", [argv0]):
+        self.assertEqual(cli._program_name(), name)
+
+
 class LibraryInfoTest(absltest.TestCase):
 
   def _record(self, level, path):

@@ -208,7 +208,7 @@ class TrainTest(parameterized.TestCase):
     self.assertGreater(metrics["codes_used"], 1)
 
   def test_restore_model_without_run(self):
-    with self.assertRaisesRegex(FileNotFoundError, "No trained run"):
+    with self.assertRaisesRegex(FileNotFoundError, "No trained VQ-VAE"):
       train.restore_model(self.workdir)
 
 
