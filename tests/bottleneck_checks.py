@@ -19,6 +19,8 @@ import pytest
 import sonnet as snt
 import tensorflow as tf
 
+import tiny
+
 # The keys every bottleneck returns, read by the trainer.
 COMMON_KEYS = ("quantize", "loss", "perplexity", "encoding_indices",
                "codes_used", "codes_used_ema", "nonfinite_inputs")
@@ -126,15 +128,7 @@ def check_bfloat16(test, make: Callable[[], snt.Module], batch: np.ndarray):
 
 
 # Runs in a fresh Python in which sonnet and sonnet_vqvae cannot be imported.
-_LOAD_WITHOUT_OUR_CODE = textwrap.dedent("""
-    import sys
-
-    class _Blocked:
-      def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("sonnet", "sonnet_vqvae"):
-          raise ImportError(name + " is blocked in this test")
-
-    sys.meta_path.insert(0, _Blocked())
+_LOAD_WITHOUT_OUR_CODE = tiny.BLOCK_OUR_CODE + textwrap.dedent("""
     import numpy as np
     import tensorflow as tf
 

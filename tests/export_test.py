@@ -26,15 +26,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(export.__file__)))
 
 # Runs in a fresh Python in which `sonnet` and `sonnet_vqvae` cannot be
 # imported; loads the SavedModel, calls every signature, saves the outputs.
-_LOAD_WITHOUT_OUR_CODE = textwrap.dedent("""
-    import sys
-
-    class _Blocked:
-      def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("sonnet", "sonnet_vqvae"):
-          raise ImportError(name + " is blocked in this test")
-
-    sys.meta_path.insert(0, _Blocked())
+_LOAD_WITHOUT_OUR_CODE = tiny.BLOCK_OUR_CODE + textwrap.dedent("""
     for name in ("sonnet", "sonnet_vqvae"):
       try:
         __import__(name)
@@ -73,11 +65,8 @@ _LOAD_WITHOUT_OUR_CODE = textwrap.dedent("""
 
 # Also without our code: calls each signature with one bad input and saves
 # {case: the error's type and its lines that say what failed}.
-_BAD_INPUTS_WITHOUT_OUR_CODE = textwrap.dedent("""
-    import json, sys
-    sys.meta_path.insert(0, type("_Blocked", (), {"find_spec": lambda self,
-        name, path=None, target=None: (_ for _ in ()).throw(ImportError(name))
-        if name.split(".")[0] in ("sonnet", "sonnet_vqvae") else None})())
+_BAD_INPUTS_WITHOUT_OUR_CODE = tiny.BLOCK_OUR_CODE + textwrap.dedent("""
+    import json
     import numpy as np
     import tensorflow as tf
 

@@ -161,15 +161,7 @@ class BuildTest(parameterized.TestCase):
 
 # Loads a SavedModel in a Python where sonnet and sonnet_vqvae cannot be
 # imported; saves what its signatures give.
-_LOAD_WITHOUT_OUR_CODE = textwrap.dedent("""
-    import sys
-
-    class _Blocked:
-      def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("sonnet", "sonnet_vqvae"):
-          raise ImportError(name + " is blocked in this test")
-
-    sys.meta_path.insert(0, _Blocked())
+_LOAD_WITHOUT_OUR_CODE = tiny.BLOCK_OUR_CODE + textwrap.dedent("""
     import numpy as np
     import tensorflow as tf
 

@@ -57,3 +57,18 @@ def _flatten(config, prefix=""):
     else:
       flat[prefix + key] = value
   return flat
+
+
+# The start of a subprocess script that must run without our code: importing
+# `sonnet` or `sonnet_vqvae` there fails (a SavedModel must load without them).
+BLOCK_OUR_CODE = """import sys
+
+
+class _Blocked:
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in ("sonnet", "sonnet_vqvae"):
+      raise ImportError(name + " is blocked in this test")
+
+
+sys.meta_path.insert(0, _Blocked())
+"""
