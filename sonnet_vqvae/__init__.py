@@ -12,6 +12,9 @@ import sys as _sys
 if _sys.argv[:1] == ["-m"]:  # `python -m sonnet_vqvae.<program>` starting.
   from sonnet_vqvae import cli as _cli
   _cli.import_tensorflow_once()
+elif "ipykernel" in _sys.modules:  # A notebook: it shows fd 2 in red.
+  from sonnet_vqvae import cli as _cli
+  _cli.import_tensorflow_quietly()
 
 from sonnet_vqvae.quantizers import VectorQuantizer
 from sonnet_vqvae.quantizers import VectorQuantizerEMA

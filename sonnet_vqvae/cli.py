@@ -279,3 +279,93 @@ def import_tensorflow_once() -> None:
 
   with _stderr_lines_kept(first_time):
     import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+
+
+# Printed by absl's C++ logging before TF's first line of each library.
+_PRE_INIT_NOTICE = b"WARNING: All log messages before absl::InitializeLog()"
+
+
+def import_tensorflow_quietly() -> None:
+  """Imports TensorFlow without its INFO start-up lines (for notebooks).
+
+  A notebook kernel shows what is written to file descriptor 2 as red error
+  output; TF's start-up lines (the pre-absl-init notice, CUDA probing on a
+  CPU, oneDNN notices) are INFO and say nothing about the run. Its warnings
+  and errors are kept, once each. `import sonnet_vqvae` calls this in a
+  Jupyter kernel; nothing happens when TF is already imported.
+  """
+  if "tensorflow" in sys.modules:
+    return
+  with _stderr_lines_kept(_warnings_first_time()):
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+
+
+def _warnings_first_time() -> Callable[[bytes], bool]:
+  """A line filter: C++ log lines above INFO, each the first time."""
+  seen = set()
+  last_kept = True
+
+  def keep(line: bytes) -> bool:
+    nonlocal last_kept
+    if line.startswith(_PRE_INIT_NOTICE):
+      return False
+    if not _LOG_PREFIX.match(line):  # A message's second line goes with it.
+      return last_kept
+    key = _LOG_PREFIX.sub(b"", line)
+    last_kept = not line.startswith(b"I") and key not in seen
+    seen.add(key)
+    return last_kept
+
+  return keep
+
+
+class _NotebookFormatter(logging.Formatter):
+  """The message alone for INFO lines; "WARNING: message" and so on above."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    message = super().format(record)
+    if record.levelno == logging.INFO:
+      return message
+    return f"{record.levelname}: {message}"
+
+
+def _package_info_or_warning(record: logging.LogRecord) -> bool:
+  if (record.name.split(".")[0] == "tensorflow" and
+      logging.getLogger("tensorflow").handlers):
+    return False  # TF's logger shows its lines itself.
+  package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+  return (record.levelno >= logging.WARNING or
+          (record.levelno >= logging.INFO and
+           os.path.abspath(record.pathname).startswith(package)))
+
+
+_NOTEBOOK_HANDLER = logging.StreamHandler()
+_NOTEBOOK_HANDLER.setFormatter(_NotebookFormatter())
+_NOTEBOOK_HANDLER.addFilter(_package_info_or_warning)
+
+
+def log_to(stream) -> logging.Handler:
+  """Shows this package's INFO lines and every library's warnings on `stream`.
+
+  For notebooks, with `sys.stdout`: training progress, test metrics and
+  "Restored/Wrote ..." lines as plain text, where absl would write them to
+  stderr (red in Jupyter). Sets absl's verbosity to INFO and puts one handler
+  on the root logger (again: the same handler, re-pointed), so a later
+  `logging.basicConfig` adds no second one; other libraries' INFO lines (tfds'
+  file reads, TF's SavedModel writer) are not shown.
+
+  Args:
+    stream: a text stream, e.g. `sys.stdout`.
+
+  Returns:
+    The handler (a `logging.StreamHandler`), e.g. to remove it again.
+  """
+  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging
+  # pylint: enable=g-import-not-at-top
+  absl_logging.set_verbosity(absl_logging.INFO)
+  _NOTEBOOK_HANDLER.setStream(stream)
+  if _NOTEBOOK_HANDLER not in logging.root.handlers:
+    logging.root.addHandler(_NOTEBOOK_HANDLER)
+  hide_library_info_lines()
+  return _NOTEBOOK_HANDLER

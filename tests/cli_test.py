@@ -193,5 +193,71 @@ def test_a_descriptor_filter_keeps_only_the_lines_asked(capfd):
       "E0000 00:00:1796142501.241688   32038 y.cc:1] kept\n")
 
 
+class LogToTest(absltest.TestCase):
+  """cli.log_to: a notebook's logs as plain text on one stream."""
+
+  def setUp(self):
+    super().setUp()
+    # hide_library_info_lines filters the handlers it finds; undo that.
+    handlers = logging.getLogger("tensorflow").handlers
+    before = [list(handler.filters) for handler in handlers]
+    self.addCleanup(lambda: [setattr(h, "filters", f)
+                             for h, f in zip(handlers, before)])
+
+  def _record(self, name, level, path, message):
+    return logging.LogRecord(name, level, path, 1, message, (), None)
+
+  def test_package_info_and_every_warning_once(self):
+    stream = io.StringIO()
+    logging.root.handlers[:] = []  # As in a kernel; conftest restores them.
+    cli.log_to(stream)
+    cli.log_to(stream)  # A cell run twice adds no second handler.
+    logging.basicConfig()  # Some library's call adds no stderr handler.
+    self.assertEqual(logging.root.handlers, [cli._NOTEBOOK_HANDLER])
+    self.assertEqual(absl_logging.get_verbosity(), absl_logging.INFO)
+    in_tfds = os.path.join(os.path.dirname(tfds.__file__), "core", "x.py")
+    absl = logging.getLogger("absl")
+    absl.handle(self._record("absl", logging.INFO, cli.__file__, "ours"))
+    absl.handle(self._record("absl", logging.INFO, in_tfds, "tfds info"))
+    absl.handle(self._record("absl", logging.WARNING, in_tfds, "tfds warns"))
+    absl.handle(self._record("absl", logging.DEBUG, cli.__file__, "debug"))
+    self.assertEqual(stream.getvalue(), "ours\nWARNING: tfds warns\n")
+
+  def test_tensorflow_lines_left_to_its_own_handler(self):
+    stream = io.StringIO()
+    cli.log_to(stream)
+    own = io.StringIO()
+    tf_logger = logging.getLogger("tensorflow")
+    tf_logger.handlers[:] = [logging.StreamHandler(own)]  # conftest restores.
+    tf_logger.warning("once")
+    self.assertEqual((stream.getvalue(), own.getvalue()), ("", "once\n"))
+    tf_logger.handlers[:] = []  # Without its own handler, ours shows it.
+    tf_logger.warning("shown")
+    self.assertEqual(stream.getvalue(), "WARNING: shown\n")
+
+
+def test_a_notebooks_tensorflow_import_keeps_warnings_once(capfd):
+  # What import_tensorflow_quietly lets through while TF's libraries load.
+  lines = [
+      b"WARNING: All log messages before absl::InitializeLog() is called "
+      b"are written to STDERR\n",
+      b"I0000 00:00:1796142501.241688   32038 cudart_stub.cc:31] no cuda\n",
+      b"I0000 00:00:1796142501.241688   32038 cpu_feature_guard.cc:1] AVX\n",
+      b"To enable the following instructions: AVX2\n",  # The line above's.
+      b"W0000 00:00:1796142501.241688   32038 x.cc:1] a warning\n",
+      b"second line of the warning\n",
+      b"W0000 00:00:1796142509.000000   32038 x.cc:1] a warning\n",
+      b"second line of the warning\n",
+      b"E0000 00:00:1796142509.000000   32038 y.cc:2] an error\n",
+  ]
+  with cli._stderr_lines_kept(cli._warnings_first_time()):
+    for line in lines:
+      os.write(2, line)
+  assert capfd.readouterr().err == (
+      "W0000 00:00:1796142501.241688   32038 x.cc:1] a warning\n"
+      "second line of the warning\n"
+      "E0000 00:00:1796142509.000000   32038 y.cc:2] an error\n")
+
+
 if __name__ == "__main__":
   absltest.main()

@@ -46,6 +46,7 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
   # The committed run's own parameters give way to the test's.
   notebook.cells = [cell for cell in notebook.cells if "injected-parameters"
                     not in cell.metadata.get("tags", [])]
+  own_cells = list(notebook.cells)
   data_dir = os.environ.get("SONNET_VQVAE_TEST_DATA_DIR")
   if not (data_dir and os.path.isdir(os.path.join(data_dir, "cifar10"))):
     data_dir = None
@@ -68,3 +69,11 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
   assert len(images) >= num_images
   for path in files:
     assert (tmp_path / "run" / path).exists(), path
+  # Logs are plain text: the package's lines on stdout, TF's start-up lines
+  # not shown (Jupyter shows stderr in red). The mock-data cell, which
+  # imports TF first, is the test's, not the notebook's.
+  stderr = [output.text for cell in own_cells if cell.cell_type == "code"
+            for output in cell.outputs if output.get("name") == "stderr"]
+  assert not stderr, stderr
+  text = "".join(output.get("text", "") for output in outputs)
+  assert "step 3/3 loss" in text, text
