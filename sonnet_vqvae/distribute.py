@@ -4,17 +4,21 @@ Every trainer in the package takes its strategy from `make_strategy`, asks
 `is_chief` whether it writes the run's files, and creates its variables under
 `replica_consistent_variables`, so one replica step serves one device,
 `snt.distribute.Replicator`, `TpuReplicator` and `MultiWorkerMirroredStrategy`.
+Evaluation, encoding and sampling run on the same devices through
+`run_batches`.
 """
 
 import functools
 import json
 import os
 import re
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 import sonnet as snt
 import tensorflow as tf
+
+from sonnet_vqvae import input_pipeline
 
 STRATEGIES = ("auto", "default", "replicator", "tpu", "multi_worker")
 # Cloud TPU's performance guide recommends per-core batches of at least 8
@@ -303,3 +307,128 @@ def all_gpus(strategy: tf.distribute.Strategy) -> bool:
   devices = getattr(strategy.extended, "worker_devices", ())
   return bool(devices) and all(
       tf.DeviceSpec.from_string(d).device_type == "GPU" for d in devices)
+
+
+def evaluation_strategy(strategy: tf.distribute.Strategy
+                        ) -> tf.distribute.Strategy:
+  """The strategy a reader or the chief's evaluation of `strategy` runs on.
+
+  `strategy` itself, except multi-worker: only the chief evaluates, and a
+  collective among one of several workers would wait forever, so it runs on
+  this worker's default device (the default strategy; call it outside any
+  `strategy.scope()`).
+  """
+  return tf.distribute.get_strategy() if is_multi_worker(strategy) else strategy
+
+
+def _on_replicas(strategy: tf.distribute.Strategy) -> bool:
+  """Whether `run_batches` runs under `strategy.run` (else one local call)."""
+  if is_multi_worker(strategy):
+    return False  # See `evaluation_strategy`.
+  return is_tpu(strategy) or strategy.num_replicas_in_sync > 1
+
+
+def check_variables(strategy: tf.distribute.Strategy,
+                    variables: Sequence[tf.Variable], what: str) -> None:
+  """Raises ValueError unless `variables` were created under `strategy`.
+
+  A replica of `strategy` that reads a variable of another strategy (e.g. a
+  model restored without `strategy.scope()`) reads it from another device:
+  a copy per step on GPUs, and a TPU cannot read it at all.
+  """
+  if not _on_replicas(strategy):
+    return
+  foreign = [v.name for v in variables
+             if not strategy.extended.variable_created_in_scope(v)]
+  if foreign:
+    raise ValueError(
+        f"{what}'s variables (e.g. {foreign[0]!r}) were not created under the "
+        f"{type(strategy).__name__} it runs on: build or restore it under "
+        "`strategy.scope()` (e.g. train.restore_model(workdir, "
+        "strategy=strategy)), or pass the strategy it was built under.")
+
+
+def run_batches(strategy: tf.distribute.Strategy,
+                replica_fn: Callable[[Any, tf.Tensor], Tuple[Any, Any]],
+                batches: tf.data.Dataset,
+                variables: Sequence[tf.Variable] = (),
+                what: str = "The model"
+                ) -> Iterator[Tuple[Any, Any, tf.Tensor]]:
+  """Runs `replica_fn` on the strategy's devices over fixed-shape batches.
+
+  Each global batch of B rows is padded to a multiple B' of the replica
+  count R (a TPU needs the same static shape on every replica; the mask
+  marks the padding) and split into R consecutive slices of B' / R rows,
+  built inside the strategy's `dataset_fn`; one traced function runs every
+  batch, the last padded one too. Totals are summed over the replicas and
+  per-row outputs gathered in the batch's order, on the devices: the host
+  reads only what it converts.
+
+  One device (the default strategy) calls `replica_fn` on the whole batch,
+  unpadded; so does multi-worker (`evaluation_strategy`).
+
+  Args:
+    strategy: the strategy `variables` were created under.
+    replica_fn: (batch, mask) -> (totals, rows) for one replica's rows of a
+      batch: totals a nest of float32 tensors summed over its rows (summed
+      over the replicas here), rows a nest of [n, ...] tensors, one row per
+      input row (n = B' / R).
+    batches: (batch, mask) elements of one fixed shape, as from
+      `input_pipeline.padded_batches`: batch a nest of [B, ...] tensors, mask
+      a [B] bool, False for the padding.
+    variables: the variables `replica_fn` reads, checked to be `strategy`'s
+      (`check_variables`).
+    what: names them in that error.
+
+  Yields:
+    Per batch (totals, rows, mask) as tensors: the totals summed over the
+    replicas, rows [B', ...] and mask [B'] in the batch's order (B' = B on
+    one device).
+
+  Raises:
+    ValueError: as `check_variables`.
+  """
+  if not _on_replicas(strategy):
+    local = tf.function(replica_fn)
+    for batch, mask in batches:
+      totals, rows = local(batch, mask)
+      yield totals, rows, mask
+    return
+  check_variables(strategy, variables, what)
+  replicas = strategy.num_replicas_in_sync
+  size = batches.element_spec[1].shape[0]
+  per_replica = -(-size // replicas)
+
+  def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+    # Replica r of this input pipeline's replicas takes its r-th element:
+    # the slices of the pipelines' replicas, in order.
+    local = replicas // context.num_input_pipelines
+    first = context.input_pipeline_id * local
+
+    def split(batch, mask):
+      (batch, mask), _ = input_pipeline.pad_batch((batch, mask),
+                                                  per_replica * replicas)
+      return tf.nest.map_structure(
+          lambda x: tf.reshape(x, [replicas, per_replica, *x.shape[1:]])[
+              first:first + local], (batch, mask))
+
+    return batches.map(split).unbatch().prefetch(tf.data.AUTOTUNE)
+
+  def gathered(batch, mask):
+    totals, rows = replica_fn(batch, mask)
+    context = tf.distribute.get_replica_context()
+    if tf.nest.flatten(totals):  # all_reduce of an empty nest fails.
+      totals = context.all_reduce(tf.distribute.ReduceOp.SUM, totals)
+    # all_gather takes no bools.
+    return totals, context.all_gather((rows, tf.cast(mask, tf.int32)), axis=0)
+
+  @tf.function
+  def step(element):
+    out = strategy.run(gathered, args=element)
+    # Every replica holds the same sums and the whole batch: take the first.
+    return tf.nest.map_structure(
+        lambda v: strategy.experimental_local_results(v)[0], out)
+
+  for element in strategy.distribute_datasets_from_function(dataset_fn):
+    totals, (rows, mask) = step(element)
+    yield totals, rows, tf.cast(mask, tf.bool)

@@ -146,8 +146,9 @@ def code_nll(model: Prior, codes, labels: tf.Tensor):
 
 
 def encode_split(vqvae: snt.Module, split: str, *, batch_size: int,
-                 dataset: str, data_dir: Optional[str],
-                 download: bool) -> Dict[str, np.ndarray]:
+                 dataset: str, data_dir: Optional[str], download: bool,
+                 strategy: Optional[tf.distribute.Strategy] = None
+                 ) -> Dict[str, np.ndarray]:
   """Encodes a dataset split to code grids with a VQ-VAE.
 
   Args:
@@ -155,29 +156,37 @@ def encode_split(vqvae: snt.Module, split: str, *, batch_size: int,
       (a VQ-VAE-2: a list of each level's, top first; a residual
       quantizer's [B, H, W, S]: see `code_grids`).
     split: tfds split name.
-    batch_size: images per encoder call.
+    batch_size: images per encoder call (the last batch padded: one trace).
     dataset: tfds dataset name (the VQ-VAE's, e.g. "cifar10").
     data_dir: tfds data directory.
     download: whether tfds may download the data.
+    strategy: the strategy the VQ-VAE's variables were created under; the
+      batches are split over its replicas (`distribute.run_batches`).
+      Default: the current one.
 
   Returns:
     {'codes': [N, H, W] int32 indices (several grids, a VQ-VAE-2's levels
     or residual stages: a tuple, see `code_grids`), 'labels': [N] int32
     class labels}.
   """
-  batches = input_pipeline.load_split(
-      split, dataset=dataset, data_dir=data_dir, download=download).batch(
-          batch_size).prefetch(tf.data.AUTOTUNE)
-  # Any batch size, the last batch's too, in one trace.
-  encode = tf.function(vqvae.encode, input_signature=[tf.TensorSpec(
-      [None, *batches.element_spec["image"].shape[1:]], tf.float32)])
+  batches = input_pipeline.padded_batches(input_pipeline.load_split(
+      split, dataset=dataset, data_dir=data_dir, download=download).map(
+          lambda example: {k: example[k] for k in ("image", "label")}),
+      batch_size)
+
+  def encode(batch, unused_mask):
+    return {}, (code_grids(vqvae, vqvae.encode(batch["image"])),
+                batch["label"])
+
   codes, labels = [], []
   with input_pipeline.naming_corrupt_files(split, dataset=dataset,
                                            data_dir=data_dir):
-    for batch in batches:
-      codes.append([c.numpy()
-                    for c in code_grids(vqvae, encode(batch["image"]))])
-      labels.append(batch["label"].numpy())
+    for _, (grids, batch_labels), mask in distribute.run_batches(
+        strategy or tf.distribute.get_strategy(), encode,
+        batches.prefetch(tf.data.AUTOTUNE), vqvae.variables, "The VQ-VAE"):
+      real = mask.numpy()
+      codes.append([c.numpy()[real] for c in grids])
+      labels.append(batch_labels.numpy()[real])
   levels = tuple(np.concatenate(level).astype(np.int32)
                  for level in zip(*codes))
   return {"codes": levels if len(levels) > 1 else levels[0],
@@ -217,15 +226,19 @@ def bits_per_dim(nats_per_code: float, codes) -> float:
   return nats_per_code * codes_per_image / CIFAR10_IMAGE_DIMS / math.log(2)
 
 
-def evaluate(model: Prior, data: Dict[str, Any],
-             batch_size: int) -> Dict[str, float]:
+def evaluate(model: Prior, data: Dict[str, Any], batch_size: int,
+             strategy: Optional[tf.distribute.Strategy] = None
+             ) -> Dict[str, float]:
   """Test likelihood of code grids under the prior and the uniform baseline.
 
   Args:
     model: the prior.
     data: {'codes': [N, H, W] (a VQ-VAE-2: each level's, top first),
       'labels': [N]} as from `encode_split`.
-    batch_size: grids per forward pass.
+    batch_size: grids per forward pass (the last batch padded: one trace).
+    strategy: the strategy the prior's variables were created under; the
+      batches are split over its replicas (`distribute.run_batches`).
+      Default: the current one.
 
   Returns:
     A dict with
@@ -244,14 +257,16 @@ def evaluate(model: Prior, data: Dict[str, Any],
   dataset = input_pipeline.padded_batches(
       tf.data.Dataset.from_tensor_slices(data), batch_size)
 
-  # One fixed batch shape (the last batch padded and masked): compiled once.
-  @tf.function(input_signature=dataset.element_spec)
   def total_nll(batch, mask):
     nll = _levels(code_nll(model, batch["codes"], batch["labels"]))
     return tf.stack([tf.reduce_sum(tf.where(mask, tf.reduce_sum(n, [1, 2]),
-                                            0.)) for n in nll])
+                                            0.)) for n in nll]), {}
 
-  totals = sum(total_nll(batch, mask).numpy() for batch, mask in dataset)
+  # float32 per batch on the devices, float64 over the batches.
+  totals = sum(np.asarray(totals, np.float64)
+               for totals, _, _ in distribute.run_batches(
+                   strategy or tf.distribute.get_strategy(), total_nll,
+                   dataset, model.variables, "The prior"))
   codes = _levels(data["codes"])
   metrics = _per_level(
       {"nll_nats_per_code": [t / c.size for t, c in zip(totals, codes)],
@@ -444,7 +459,8 @@ def train_on_codes(config: ml_collections.ConfigDict,
     def validate(step):
       # The CIFAR-10 subset is small: watch the test NLL for overfitting.
       logging.info("step %d: test NLL %.4f nats/code", step, evaluate(
-          model, test_data, config.eval_batch_size)["nll_nats_per_code"])
+          model, test_data, config.eval_batch_size,
+          strategy)["nll_nats_per_code"])
 
     loop.run(train_loop, run_dir=run_dir,
              checkpoints=checkpoints, start_step=start,
@@ -460,7 +476,7 @@ def train_on_codes(config: ml_collections.ConfigDict,
     if not run_dir.writer:
       return {}
     rows = run_dir.read_rows(loop.METRICS_FILE)
-    metrics = evaluate(model, test_data, config.eval_batch_size)
+    metrics = evaluate(model, test_data, config.eval_batch_size, strategy)
     metrics.update(
         step=max(start, config.num_steps),
         train_nll_nats_per_code=rows[-1]["loss"] if rows else None,
@@ -530,14 +546,18 @@ def train_prior(config: ml_collections.ConfigDict, vqvae_workdir: str,
   """
   validate_config(config)
   step = _latest_vqvae_step(vqvae_workdir)
-  vqvae_config, vqvae = train.restore_model(vqvae_workdir, step)
+  # Under the process's one strategy of this name, `train_on_codes`' too:
+  # the encoding runs on its devices.
+  strategy = distribute.make_strategy(config.strategy)
+  vqvae_config, vqvae = train.restore_model(vqvae_workdir, step, strategy)
   options = _data_options(config, vqvae_config)
   # The VQ-VAE's evaluation split (.get: runs from before eval_split) is the
   # prior's "test" data.
   splits = {"train": "train", "test": vqvae_config.get("eval_split", "test")}
   data = {
       name: encode_split(vqvae, split, batch_size=config.encode_batch_size,
-                         **options) for name, split in splits.items()
+                         strategy=strategy, **options)
+      for name, split in splits.items()
   }
   logging.info("Encoded %d train and %d test images to %s code grids.",
                len(data["train"]["labels"]), len(data["test"]["labels"]),
@@ -550,7 +570,8 @@ def train_prior(config: ml_collections.ConfigDict, vqvae_workdir: str,
       metadata={"vqvae_workdir": os.path.abspath(vqvae_workdir)})
 
 
-def restore_prior(workdir: str, num_embeddings: Optional[NumEmbeddings] = None
+def restore_prior(workdir: str, num_embeddings: Optional[NumEmbeddings] = None,
+                  strategy: Optional[tf.distribute.Strategy] = None
                   ) -> Tuple[ml_collections.ConfigDict, Prior]:
   """Rebuilds the prior from a workdir's run.json and newest checkpoint.
 
@@ -558,6 +579,8 @@ def restore_prior(workdir: str, num_embeddings: Optional[NumEmbeddings] = None
     workdir: a `train_on_codes` / `train_prior` run's workdir.
     num_embeddings: K (a VQ-VAE-2's prior: each level's); None takes the
       run's.
+    strategy: the strategy to build it under, so that `evaluate` and
+      `sample_images` run on its devices; default: the current one.
 
   Raises:
     FileNotFoundError: if workdir holds no prior run or checkpoint.
@@ -573,9 +596,11 @@ def restore_prior(workdir: str, num_embeddings: Optional[NumEmbeddings] = None
         f"not {num_embeddings}.")
   # Its variables exist from the constructor, so that a mismatch is caught;
   # the optimizer's too, so that the checkpoint restores whole.
-  model = build_prior(config, print_["num_embeddings"])
-  optimizer = optim.Adam(config.learning_rate)
-  optimizer.build(model.trainable_variables)
+  with (strategy or tf.distribute.get_strategy()).scope(), \
+      tf.variable_creator_scope(distribute.replica_consistent_variables):
+    model = build_prior(config, print_["num_embeddings"])
+    optimizer = optim.Adam(config.learning_rate)
+    optimizer.build(model.trainable_variables)
   checkpoint = tf.train.Checkpoint(
       model=model, optimizer=optimizer,
       step=tf.Variable(0, dtype=tf.int64, trainable=False))
@@ -595,9 +620,14 @@ def _prior_run(workdir: str) -> Dict[str, Any]:
   return stored
 
 
-def restore_vqvae_of_prior(workdir: str, vqvae_workdir: str
-                           ) -> Tuple[ml_collections.ConfigDict, snt.Module]:
+def restore_vqvae_of_prior(
+    workdir: str, vqvae_workdir: str,
+    strategy: Optional[tf.distribute.Strategy] = None
+) -> Tuple[ml_collections.ConfigDict, snt.Module]:
   """The VQ-VAE checkpoint whose codes the prior in `workdir` was trained on.
+
+  Built under `strategy` (default: the current one), see
+  `train.restore_model`.
 
   Raises:
     rundir.FingerprintMismatch: `vqvae_workdir` does not hold that VQ-VAE
@@ -608,7 +638,8 @@ def restore_vqvae_of_prior(workdir: str, vqvae_workdir: str
     raise ValueError(f"The prior in {workdir!r} was trained on codes of no "
                      "recorded VQ-VAE; use `sample_images` with your model.")
   try:
-    vqvae_config, vqvae = train.restore_model(vqvae_workdir, recorded["step"])
+    vqvae_config, vqvae = train.restore_model(vqvae_workdir, recorded["step"],
+                                              strategy)
   except (FileNotFoundError, rundir.RunDirError) as e:
     raise rundir.FingerprintMismatch(
         f"The prior in {workdir!r} was trained on the codes of VQ-VAE "
@@ -629,8 +660,15 @@ def restore_vqvae_of_prior(workdir: str, vqvae_workdir: str
 
 def sample_images(model: Prior, vqvae: snt.Module, *,
                   num_samples: int, label: int, temperature: float,
-                  seed: int) -> np.ndarray:
+                  seed: int, strategy: Optional[tf.distribute.Strategy] = None
+                  ) -> np.ndarray:
   """Samples code grids from the prior and decodes them with the VQ-VAE.
+
+  Drawing and decoding run on the strategy's devices, the samples split
+  over its replicas (`distribute.run_batches`); on one device the draws are
+  `model.sample`'s with the same seed. With R > 1 replicas, replica r draws
+  its samples with the seed folded with r: the same seed and R give the same
+  images.
 
   Args:
     model: the prior.
@@ -642,30 +680,57 @@ def sample_images(model: Prior, vqvae: snt.Module, *,
       class-conditional prior and is required for an unconditional one.
     temperature: sampling temperature (> 0).
     seed: sampling seed.
+    strategy: the strategy both models' variables were created under;
+      default: the current one.
 
   Returns:
     [num_samples, 32, 32, 3] float32 images, nominally in [-0.5, 0.5].
 
   Raises:
-    ValueError: if label is set for an unconditional prior or is no class.
+    ValueError: if label is set for an unconditional prior or is no class,
+      for a temperature that is not a positive finite number, or models whose
+      variables are not the strategy's.
   """
   if label >= CIFAR10_NUM_CLASSES or (label >= 0 and not model.num_classes):
     raise ValueError(f"sample_label {label} is not a class of this prior.")
+  pixelcnn.check_positive(num_samples=num_samples)
   if not model.num_classes:
     labels = None
   elif label < 0:
     labels = np.arange(num_samples) % model.num_classes
   else:
     labels = label
-  # The grid sizes are what the encoder makes of one image.
-  shapes = [tuple(c.shape[1:]) for c in
-            code_grids(vqvae, vqvae.encode(tf.zeros([1, 32, 32, 3])))]
-  options = dict(labels=labels, temperature=temperature, seed=seed)
-  if isinstance(model, hierarchical_prior.HierarchicalPrior):
-    codes = model.sample(num_samples, shapes, **options)
-  else:
-    codes = [model.sample(num_samples, *shapes[0], **options)]
-  return vqvae.decode(model_codes(vqvae, codes)).numpy()
+  labels, temperature = pixelcnn.sampling_args(num_samples, labels,
+                                               model.num_classes, temperature)
+  # The grid sizes are what the encoder makes of one image: traced, not run.
+  shapes = [tuple(c.shape[1:]) for c in code_grids(vqvae, tf.function(
+      vqvae.encode).get_concrete_function(tf.TensorSpec(
+          [1, 32, 32, 3], tf.float32)).structured_outputs)]
+  hierarchical_ = isinstance(model, hierarchical_prior.HierarchicalPrior)
+
+  def draw(labels, unused_mask):
+    context = tf.distribute.get_replica_context()
+    replica_seed = tf.constant([seed, 0], tf.int64)
+    if context.num_replicas_in_sync > 1:  # One device: `model.sample`'s.
+      replica_seed = tf.random.experimental.stateless_fold_in(
+          replica_seed, context.replica_id_in_sync_group)
+    count, labels = labels.shape[0], labels if model.num_classes else None
+    if hierarchical_:
+      codes = model.sample_graph(count, shapes, labels, temperature,
+                                 replica_seed)
+    else:
+      codes = [model.sample_graph(count, *shapes[0], labels, temperature,
+                                  replica_seed)]
+    return {}, vqvae.decode(model_codes(vqvae, codes))
+
+  # One batch of every sample's label (zeros for an unconditional prior).
+  batches = input_pipeline.padded_batches(tf.data.Dataset.from_tensor_slices(
+      tf.zeros([num_samples], tf.int32) if labels is None else labels),
+                                          num_samples)
+  [(_, images, mask)] = list(distribute.run_batches(
+      strategy or tf.distribute.get_strategy(), draw, batches,
+      list(model.variables) + list(vqvae.variables), "The prior or VQ-VAE"))
+  return images.numpy()[mask.numpy()]
 
 
 def sample(config: ml_collections.ConfigDict, vqvae_workdir: str,
@@ -690,12 +755,15 @@ def sample(config: ml_collections.ConfigDict, vqvae_workdir: str,
     prior_samples_class<label>.png for one class.
   """
   validate_config(config)
-  _, vqvae = restore_vqvae_of_prior(workdir, vqvae_workdir)
-  _, model = restore_prior(workdir)
+  # Reads only: one worker draws, on its devices.
+  strategy = distribute.evaluation_strategy(
+      distribute.make_strategy(config.strategy))
+  _, vqvae = restore_vqvae_of_prior(workdir, vqvae_workdir, strategy)
+  _, model = restore_prior(workdir, strategy=strategy)
   images = sample_images(model, vqvae, num_samples=config.num_samples,
                          label=config.sample_label,
                          temperature=config.temperature,
-                         seed=config.sample_seed)
+                         seed=config.sample_seed, strategy=strategy)
   suffix = f"_class{config.sample_label}" if config.sample_label >= 0 else ""
   path = os.path.join(workdir, f"prior_samples{suffix}.png")
   with rundir.RunDir(workdir):  # Locked while it writes.

@@ -449,8 +449,10 @@ def train_and_evaluate(config: config_dict.ConfigDict,
                        workdir: str) -> Dict[str, float]:
   """`train`, then (on the chief) `evaluate_and_plot` on the test split.
 
-  The workdir stays locked from the start of training to the end of the
-  evaluation: no other process trains or evaluates in it meanwhile.
+  The evaluation runs on the training's devices (multi-worker: the chief's
+  default device, see `distribute.evaluation_strategy`). The workdir stays
+  locked from the start of training to the end of the evaluation: no other
+  process trains or evaluates in it meanwhile.
 
   Returns:
     The test metrics written to `workdir/eval.json`; {} on other workers.
@@ -462,10 +464,13 @@ def train_and_evaluate(config: config_dict.ConfigDict,
   with _training(config, workdir) as model:
     if not is_chief():
       return {}
-    return evaluate_and_plot(config, model, workdir)
+    # The process's one strategy of this name: the one `train` used.
+    return evaluate_and_plot(config, model, workdir,
+                             make_strategy(config.strategy))
 
 
-def _evaluate(model: networks.VQVAEModel, dataset: tf.data.Dataset
+def _evaluate(model: networks.VQVAEModel, dataset: tf.data.Dataset,
+              strategy: Optional[tf.distribute.Strategy] = None
               ) -> Tuple[Dict[str, float], List[np.ndarray],
                          Tuple[np.ndarray, List[np.ndarray]]]:
   """`evaluate`'s metrics, the code histograms and the first batch.
@@ -475,6 +480,7 @@ def _evaluate(model: networks.VQVAEModel, dataset: tf.data.Dataset
   its [N, H, W, C] images and their reconstructions: the model's, then
   (VQ-VAE-2) those decoded from the top 1, ..., L - 1 levels.
   """
+  strategy = strategy or tf.distribute.get_strategy()
   if not isinstance(dataset.element_spec, tuple):
     # Image batches: pad each to the first's size, so they share one shape.
     first = next(iter(dataset), None)
@@ -482,56 +488,57 @@ def _evaluate(model: networks.VQVAEModel, dataset: tf.data.Dataset
       raise ValueError("evaluate: the dataset holds no images.")
     dataset = dataset.map(functools.partial(input_pipeline.pad_batch,
                                             batch_size=int(first.shape[0])))
-  images_spec = dataset.element_spec[0]
   # Every level's codebook, top first (one for the plain VQ-VAE).
   quantizers_ = quantizers_of(model)
   levels = len(quantizers_)
   # A residual quantizer's codes are [..., num_stages]: one grid per stage.
   stages = getattr(quantizers_[-1], "num_stages", 0)
 
-  # One fixed batch shape: compiled once, also for the padded last batch.
-  @tf.function(input_signature=[images_spec,
-                                tf.TensorSpec(images_spec.shape[:1], tf.bool)])
-  def batch_stats(images, mask):
+  # float32 on the devices (TPUs have no float64): per-image squared errors
+  # and per-batch code counts (exact below 2**24); the host sums in float64.
+  def replica_stats(images, mask):
     out = model(images, is_training=False)
     vq_outputs = out.get("vq_outputs", [out["vq_output"]])
-    valid = tf.cast(mask, tf.float64)
+    valid = tf.cast(mask, tf.float32)
+    rows = {"images": images}
     if stages:
       indices = out["vq_output"]["encoding_indices"]
       counts = [_code_counts(indices[..., stage], valid,
                              model.quantizer.num_embeddings)
                 for stage in range(stages)]
+      rows["indices"] = indices  # The joint histogram's tuples.
     else:
-      indices = tf.zeros([0], tf.int64)  # Only a residual's are needed.
       counts = [_code_counts(o["encoding_indices"], valid, vq.num_embeddings)
                 for o, vq in zip(vq_outputs, quantizers_)]
-    recons = [out["x_recon"]]
+    rows["recons"] = [out["x_recon"]]
     if levels > 1:
       # What the top levels carry: the same codes, decoded without the finer
       # levels. One decoder pass each, no encoding, so evaluation stays cheap.
       codes = [o["encoding_indices"] for o in vq_outputs]
-      recons += [model.decode_top(codes, k) for k in range(1, levels)]
-    squared = [
-        tf.reduce_sum(tf.where(mask, tf.reduce_sum(
-            tf.square(tf.cast(recon - images, tf.float64)),
-            axis=list(range(1, len(images.shape)))), 0.))
-        for recon in recons]
-    size = tf.reduce_sum(valid) * float(np.prod(images.shape[1:]))
-    return squared, size, counts, recons, indices
+      rows["recons"] += [model.decode_top(codes, k) for k in range(1, levels)]
+    rows["squared"] = [
+        tf.reduce_sum(tf.square(tf.cast(recon, tf.float32) - images),
+                      axis=list(range(1, len(images.shape))))
+        for recon in rows["recons"]]
+    return counts, rows
 
-  squared, size, counts, first, tuples = 0., 0., None, None, []
-  for images, mask in dataset:
-    s, n, c, recons, indices = batch_stats(images, mask)
-    squared, size = np.add(squared, s), size + n
-    c = [np.asarray(level) for level in c]
-    counts = c if counts is None else [a + b for a, b in zip(counts, c)]
+  squared, size, counts, first, tuples = 0., 0, None, None, []
+  for c, rows, mask in distribute.run_batches(
+      strategy, replica_stats, dataset, model.variables, "The VQ-VAE"):
     real = mask.numpy()
+    squared = np.add(squared, [np.sum(s.numpy()[real], dtype=np.float64)
+                               for s in rows["squared"]])
+    size += int(real.sum())
+    c = [np.asarray(level, np.float64) for level in c]
+    counts = c if counts is None else [a + b for a, b in zip(counts, c)]
     if stages:
-      tuples.append(indices.numpy()[real].reshape(-1, stages))
+      tuples.append(rows["indices"].numpy()[real].reshape(-1, stages))
     if first is None:
-      first = (images.numpy()[real], [r.numpy()[real] for r in recons])
+      first = (rows["images"].numpy()[real],
+               [r.numpy()[real] for r in rows["recons"]])
   if first is None or not size:
     raise ValueError("evaluate: the dataset holds no images.")
+  size *= float(np.prod(first[0].shape[1:]))
   mse = float(squared[0] / size)
   metrics = {"nmse": mse / model.data_variance, "mse": mse,
              "psnr": float(10 * np.log10(1. / mse)) if mse > 0 else math.inf}
@@ -557,14 +564,17 @@ def _evaluate(model: networks.VQVAEModel, dataset: tf.data.Dataset
 
 def _code_counts(indices: tf.Tensor, valid: tf.Tensor,
                  num_embeddings: int) -> tf.Tensor:
-  """[K] float64 counts of `indices` [B, ...] over the valid [B] images."""
+  """[K] float32 counts of `indices` [B, ...] over the valid [B] images.
+
+  A segment sum, which XLA compiles with the static K (bincount's size is
+  computed from the data).
+  """
   weights = tf.broadcast_to(
       tf.reshape(valid, [-1] + [1] * (len(indices.shape) - 1)),
       tf.shape(indices))
-  return tf.math.bincount(tf.reshape(tf.cast(indices, tf.int32), [-1]),
-                          weights=tf.reshape(weights, [-1]),
-                          minlength=num_embeddings, maxlength=num_embeddings,
-                          dtype=tf.float64)
+  return tf.math.unsorted_segment_sum(
+      tf.reshape(weights, [-1]), tf.reshape(tf.cast(indices, tf.int32), [-1]),
+      num_embeddings)
 
 
 def _histogram_metrics(counts: np.ndarray) -> Dict[str, float]:
@@ -575,9 +585,10 @@ def _histogram_metrics(counts: np.ndarray) -> Dict[str, float]:
           "codes_used": int((counts > 0).sum())}
 
 
-def evaluate(model: networks.VQVAEModel,
-             dataset: tf.data.Dataset) -> Dict[str, float]:
-  """Evaluates on every image of `dataset`.
+def evaluate(model: networks.VQVAEModel, dataset: tf.data.Dataset,
+             strategy: Optional[tf.distribute.Strategy] = None
+             ) -> Dict[str, float]:
+  """Evaluates on every image of `dataset`, on the strategy's devices.
 
   Args:
     model: the VQ-VAE.
@@ -585,6 +596,9 @@ def evaluate(model: networks.VQVAEModel,
       `input_pipeline.eval_dataset` (one compiled shape; the mask drops the
       padding), or batches of [B, H, W, 3] images, each no larger than the
       first (they are padded to its size).
+    strategy: the strategy the model's variables were created under; each
+      batch is split over its replicas (`distribute.run_batches`). Default:
+      the current one (`tf.distribute.get_strategy()`).
 
   Returns:
     nmse (MSE / training variance), mse, psnr (dB, images of range 1), and
@@ -597,15 +611,20 @@ def evaluate(model: networks.VQVAEModel,
     stage{s}_perplexity and stage{s}_codes_used.
 
   Raises:
-    ValueError: when the dataset is empty.
+    ValueError: when the dataset is empty, or the model's variables are not
+      the strategy's.
   """
-  return _evaluate(model, dataset)[0]
+  return _evaluate(model, dataset, strategy)[0]
 
 
 def evaluate_and_plot(config: config_dict.ConfigDict,
-                      model: networks.VQVAEModel,
-                      workdir: str) -> Dict[str, float]:
+                      model: networks.VQVAEModel, workdir: str,
+                      strategy: Optional[tf.distribute.Strategy] = None
+                      ) -> Dict[str, float]:
   """Evaluates on the test split; writes eval.json and the figures.
+
+  `evaluate` runs on `strategy` (default: the current one), the strategy
+  the model's variables were created under.
 
   curves.png, reconstructions.png and codebook.png (the bottom level's; a
   residual quantizer's: codebook_stage{s}.png per stage; FSQ's and LFQ's
@@ -623,7 +642,8 @@ def evaluate_and_plot(config: config_dict.ConfigDict,
   with input_pipeline.naming_corrupt_files(split, dataset=config.dataset,
                                            data_dir=config.data_dir):
     metrics, counts, (originals, recons) = _evaluate(
-        model, input_pipeline.eval_dataset(test, config.eval_batch_size))
+        model, input_pipeline.eval_dataset(test, config.eval_batch_size),
+        strategy)
   logging.info("%s split: %s", split.capitalize(), metrics)
   with rundir.RunDir(workdir) as run_dir:  # Its writer until the figures.
     loop.write_eval(run_dir, metrics)
@@ -672,7 +692,8 @@ def _codebooks(quantizer) -> List[Optional[np.ndarray]]:
   return [tf.transpose(quantizer.quantize(indices)).numpy()]
 
 
-def restore_model(workdir: str, step: Optional[int] = None
+def restore_model(workdir: str, step: Optional[int] = None,
+                  strategy: Optional[tf.distribute.Strategy] = None
                   ) -> Tuple[config_dict.ConfigDict, networks.VQVAEModel]:
   """The config and the model of a checkpoint in `workdir`; writes nothing.
 
@@ -682,6 +703,9 @@ def restore_model(workdir: str, step: Optional[int] = None
   Args:
     workdir: a `train` run's workdir.
     step: the checkpoint's step; None for the newest.
+    strategy: the strategy to build the model under, so that `evaluate`,
+      `prior.encode_split` and sampling run on its devices (see
+      `distribute.evaluation_strategy`); default: the current one.
 
   Raises:
     FileNotFoundError: when `workdir` holds no run or no checkpoint.
@@ -696,7 +720,8 @@ def restore_model(workdir: str, step: Optional[int] = None
         "--workdir DIR`).")
   config = config_dict.ConfigDict(stored["config"])
   model, optimizer = create_model_and_optimizer(
-      config, stored["data_variance"], tf.distribute.get_strategy(),
+      config, stored["data_variance"],
+      strategy or tf.distribute.get_strategy(),
       stored["fingerprint"]["image_shape"])
   checkpoint = tf.train.Checkpoint(
       model=model, optimizer=optimizer, step=tf.Variable(0, dtype=tf.int64))
@@ -717,8 +742,12 @@ def main(argv: Sequence[str]) -> None:
   if flags.FLAGS.mode == "evaluate":
     # It writes eval.json and the figures: the workdir's writer throughout.
     with rundir.RunDir(workdir):
-      config, model = restore_model(workdir)
-      evaluate_and_plot(config, model, workdir)
+      # On the run's devices (restore_model names a workdir without a run).
+      stored = loop.read_run(workdir) or {"config": {}}
+      strategy = distribute.evaluation_strategy(make_strategy(
+          stored["config"].get("strategy", "default")))
+      config, model = restore_model(workdir, strategy=strategy)
+      evaluate_and_plot(config, model, workdir, strategy)
   else:
     # `train --workdir W` alone resumes W's stored config.
     stored = loop.read_run(workdir)
