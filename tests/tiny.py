@@ -17,12 +17,16 @@ NUM_EMBEDDINGS = 16
 
 
 def vqvae_config(**overrides) -> config_dict.ConfigDict:
-  """The reference config shrunk to seconds of training on mock data."""
+  """The reference config shrunk to seconds of training on mock data.
+
+  Without XLA: "auto" compiles and times both loops on runs of 500+ steps
+  (loop.select_loop); a test about XLA passes jit_compile itself.
+  """
   config = default.get_config()
   config.update(num_hiddens=16, num_residual_hiddens=8, embedding_dim=8,
                 num_embeddings=NUM_EMBEDDINGS, batch_size=4, num_steps=4,
                 log_every=2, checkpoint_every=2, eval_batch_size=8,
-                strategy="default")
+                strategy="default", jit_compile=False)
   config.update(overrides)
   return config
 
@@ -32,7 +36,8 @@ def prior_config(**overrides) -> config_dict.ConfigDict:
   config = prior.get_config()
   config.update(hidden_channels=8, num_layers=2, batch_size=8,
                 learning_rate=1e-2, num_steps=40, log_every=10,
-                checkpoint_every=20, eval_batch_size=16, strategy="default")
+                checkpoint_every=20, eval_batch_size=16, strategy="default",
+                jit_compile=False)
   config.update(overrides)
   return config
 
