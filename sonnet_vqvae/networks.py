@@ -85,8 +85,21 @@ class ResidualStack(snt.Module):
     """Applies the stack to [B, H, W, num_hiddens] inputs; same shape out."""
     h = inputs
     for conv3, conv1 in self._layers:
-      h += conv1(tf.nn.relu(conv3(tf.nn.relu(h))))
-    return tf.nn.relu(h)
+      h += conv1(tf.nn.relu(conv3(tf.nn.relu(_fusion_barrier(h)))))
+    return tf.nn.relu(_fusion_barrier(h))
+
+
+def _fusion_barrier(h: tf.Tensor) -> tf.Tensor:
+  """`h` through a node that computes nothing, so that no relu reads a sum.
+
+  Grappler's oneDNN remapper fuses conv + bias + sum + relu into one node and
+  deletes the sum's node even where something else reads it too (the next
+  block's skip, a caller's second relu): its whole pass then fails, printing
+  "remapper failed: ... Mutation::Apply error ... missing node", and nothing
+  in the function is fused. EnsureShape passes `h` on without a copy; grappler
+  keeps it (an Identity it prunes).
+  """
+  return tf.ensure_shape(h, h.shape)
 
 
 class Encoder(snt.Module):
