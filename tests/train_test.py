@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import tempfile
 
 from absl.testing import absltest
@@ -24,6 +25,32 @@ def _train(config, workdir):
     return train.train_and_evaluate(config, workdir)
 
 
+def _train_only(config, workdir):
+  """`_train` without the evaluation and figures, for tests that skip them."""
+  with tfds.testing.mock_data(num_examples=16):
+    train.train(config, workdir)
+
+
+_TRAINED = {}
+
+
+def _trained_two_steps():
+  """A tiny run's workdir after 2 steps, trained once for the module.
+
+  Tests only read it; one that trains on or damages it copies it first.
+  """
+  if not _TRAINED:
+    _TRAINED["base"] = tempfile.mkdtemp()
+    _TRAINED["workdir"] = os.path.join(_TRAINED["base"], "run")
+    _train_only(tiny_config(num_steps=2), _TRAINED["workdir"])
+  return _TRAINED["workdir"]
+
+
+def tearDownModule():
+  if _TRAINED:
+    shutil.rmtree(_TRAINED["base"])
+
+
 def _rows(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
@@ -34,6 +61,12 @@ class TrainTest(parameterized.TestCase):
   def setUp(self):
     super().setUp()
     self.workdir = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, self.workdir, ignore_errors=True)
+
+  def _copy_of_trained_run(self):
+    """self.workdir holding a copy of `_trained_two_steps()`'s run."""
+    os.rmdir(self.workdir)
+    shutil.copytree(_trained_two_steps(), self.workdir)
 
   @pytest.mark.slow
   def test_train_resume_evaluate_restore(self):
@@ -64,9 +97,9 @@ class TrainTest(parameterized.TestCase):
   @pytest.mark.slow
   def test_two_replicas_match_one(self):
     self.assertLen(tf.config.list_logical_devices("CPU"), 2)
-    one, two = self.workdir, tempfile.mkdtemp()
-    _train(tiny_config(num_steps=2, strategy="default"), one)
-    _train(tiny_config(num_steps=2, strategy="replicator"), two)
+    # The shared run is tiny_config(num_steps=2) on the default strategy.
+    one, two = _trained_two_steps(), self.workdir
+    _train_only(tiny_config(num_steps=2, strategy="replicator"), two)
     model_one = train.restore_model(one)[1]
     model_two = train.restore_model(two)[1]
     self.assertLen(model_one.variables, len(model_two.variables))
@@ -114,24 +147,25 @@ class TrainTest(parameterized.TestCase):
     config = tiny_config(mixed_precision="float16")
     strategy = tf.distribute.get_strategy()
     model, optimizer = train.create_model_and_optimizer(config, 0.06, strategy)
-    # float32 gradients times 2**120 overflow float16 (max 65504).
-    optimizer.loss_scale.scale.assign(2.**120)
+    # float32 gradients times 2**40 overflow float16 (max 65504): so does
+    # the scaled loss itself, until the scale is below 2**16 or so.
+    optimizer.loss_scale.scale.assign(2.**40)
     step = train.make_train_step(model, optimizer, strategy, jit_compile=False,
                                  mixed_precision="float16")
     iterator = iter(tf.data.Dataset.from_tensors(
         tf.random.stateless_uniform([4, 32, 32, 3], [0, 1]) - 0.5).repeat())
     before = [v.numpy() for v in model.trainable_variables]
     step(iterator)
-    self.assertEqual(float(optimizer.loss_scale.scale.numpy()), 2.**119)
+    self.assertEqual(float(optimizer.loss_scale.scale.numpy()), 2.**39)
     self.assertEqual(int(optimizer.step.numpy()), 0)
     for a, b in zip(before, model.trainable_variables):
       np.testing.assert_array_equal(a, b.numpy())
-    for _ in range(119):  # Halves until the gradients fit, then trains.
+    for _ in range(39):  # Halves until the gradients fit, then trains.
       step(iterator)
     # Each skipped step halved the scale (no growth within 2000 steps).
-    skipped = 120 - int(np.log2(optimizer.loss_scale.scale.numpy()))
-    self.assertBetween(skipped, 2, 119)
-    self.assertEqual(int(optimizer.step.numpy()), 120 - skipped)
+    skipped = 40 - int(np.log2(optimizer.loss_scale.scale.numpy()))
+    self.assertBetween(skipped, 2, 39)
+    self.assertEqual(int(optimizer.step.numpy()), 40 - skipped)
 
   def test_float16_needs_a_loss_scale(self):
     strategy = tf.distribute.get_strategy()
@@ -143,9 +177,10 @@ class TrainTest(parameterized.TestCase):
 
   @pytest.mark.slow
   def test_float16_run_checkpoints_and_resumes_its_loss_scale(self):
-    _train(tiny_config(mixed_precision="float16"), self.workdir)
+    _train_only(tiny_config(mixed_precision="float16"), self.workdir)
     self.assertIn("loss_scale", _rows(self.workdir)[-1])
-    _train(tiny_config(mixed_precision="float16", num_steps=6), self.workdir)
+    _train_only(tiny_config(mixed_precision="float16", num_steps=6),
+                self.workdir)
     self.assertEqual([r["step"] for r in _rows(self.workdir)], [1, 2, 4, 6])
     reader = tf.train.load_checkpoint(
         os.path.join(self.workdir, "checkpoints"))
@@ -163,7 +198,7 @@ class TrainTest(parameterized.TestCase):
 
   @pytest.mark.slow
   def test_corrupt_checkpoint_is_error_and_kept(self):
-    _train(tiny_config(num_steps=2), self.workdir)
+    self._copy_of_trained_run()
     checkpoints = os.path.join(self.workdir, "checkpoints")
     data = [os.path.join(checkpoints, f) for f in os.listdir(checkpoints)
             if ".data-" in f][0]
@@ -179,7 +214,7 @@ class TrainTest(parameterized.TestCase):
 
   @pytest.mark.slow
   def test_incompatible_checkpoint_is_error(self):
-    _train(tiny_config(num_steps=2), self.workdir)
+    self._copy_of_trained_run()
     with self.assertRaisesRegex(rundir.FingerprintMismatch,
                                 "model.num_hiddens: 16 in .*run.json, 32 now"):
       _train(tiny_config(num_steps=4, num_hiddens=32), self.workdir)
@@ -187,7 +222,7 @@ class TrainTest(parameterized.TestCase):
   @pytest.mark.slow
   @pytest.mark.nonfinite
   def test_non_finite_loss_stops_and_keeps_checkpoint(self):
-    _train(tiny_config(num_steps=2), self.workdir)
+    self._copy_of_trained_run()
     with self.assertRaisesRegex(FloatingPointError, "last good checkpoint"):
       _train(tiny_config(num_steps=6, learning_rate=1e38), self.workdir)
     self.assertEqual(tf.train.latest_checkpoint(
