@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,6 +56,23 @@ def _env():
 def _train(config, workdir):
   with tfds.testing.mock_data(num_examples=16):
     return train.train_and_evaluate(config, workdir)
+
+
+# The workdir of one tiny run (4 steps, checkpoints at 2 and 4, evaluated),
+# trained once per module: tests that only need a trained run copy it.
+_TRAINED = []
+
+
+def _trained_copy():
+  """A fresh copy of the module's tiny trained workdir (see _TRAINED)."""
+  if not _TRAINED:
+    workdir = tempfile.mkdtemp()
+    _train(tiny.vqvae_config(), workdir)
+    _TRAINED.append(workdir)
+  copy = os.path.join(tempfile.mkdtemp(), "workdir")
+  # Checkpoint paths in the index are relative: the copy is a run of its own.
+  shutil.copytree(_TRAINED[0], copy)
+  return copy
 
 
 def _snapshot(directory):
@@ -109,8 +127,8 @@ class ReaderTest(absltest.TestCase):
   def test_readers_work_on_a_read_only_workdir_and_change_nothing(self):
     base = tempfile.mkdtemp()
     vqvae_dir, prior_dir = (os.path.join(base, n) for n in ("vqvae", "prior"))
+    shutil.copytree(_trained_copy(), vqvae_dir)
     with tfds.testing.mock_data(num_examples=16):
-      train.train(tiny.vqvae_config(), vqvae_dir)
       prior.train_prior(tiny.prior_config(num_steps=2, log_every=2,
                                           checkpoint_every=2), vqvae_dir,
                         prior_dir)
@@ -131,14 +149,13 @@ class ReaderTest(absltest.TestCase):
   @pytest.mark.slow
   def test_reader_during_the_trainers_save_leaves_it_alone(self):
     """Export and restore between a save's temporary write and its rename."""
-    workdir, output = tempfile.mkdtemp(), tempfile.mkdtemp()
-    _train(tiny.vqvae_config(num_steps=2), workdir)
+    workdir, output = _trained_copy(), tempfile.mkdtemp()
     directory = os.path.join(workdir, "checkpoints")
     merge = gen_io_ops.merge_v2_checkpoints
     seen = []
 
     def paused_merge(*args, **kwargs):
-      if not seen and os.path.isdir(os.path.join(directory, "ckpt-4_temp")):
+      if not seen and os.path.isdir(os.path.join(directory, "ckpt-6_temp")):
         seen.append(rundir_test._state(workdir))
         seen.append(train.restore_model(workdir)[1].quantizer.embeddings.numpy())
         export.export_saved_model(workdir, os.path.join(output, "export"))
@@ -146,14 +163,14 @@ class ReaderTest(absltest.TestCase):
       return merge(*args, **kwargs)
 
     with mock.patch.object(gen_io_ops, "merge_v2_checkpoints", paused_merge):
-      _train(tiny.vqvae_config(num_steps=4), workdir)
+      _train(tiny.vqvae_config(num_steps=6), workdir)
     self.assertLen(seen, 3, "the reader did not run during the save")
     self.assertEqual(seen[2], seen[0])  # It moved and wrote nothing.
-    self.assertEqual(_latest_step(workdir), 4)  # The save went through.
+    self.assertEqual(_latest_step(workdir), 6)  # The save went through.
     self.assertFalse(os.path.exists(os.path.join(directory, "incomplete")))
-    # It restored the newest complete checkpoint then: step 2's.
+    # It restored the newest complete checkpoint then: step 4's.
     np.testing.assert_array_equal(seen[1], train.restore_model(
-        workdir, step=2)[1].quantizer.embeddings.numpy())
+        workdir, step=4)[1].quantizer.embeddings.numpy())
 
 
 class LockDuringEvaluationTest(absltest.TestCase):
@@ -178,8 +195,7 @@ class IndexFileTest(absltest.TestCase):
   """Case 1: the CheckpointManager's index file deleted or garbled."""
 
   def _resume_without_index(self, damage):
-    workdir = tempfile.mkdtemp()
-    _train(tiny.vqvae_config(), workdir)
+    workdir = _trained_copy()
     before = _checkpoint_files(workdir)
     eval_before = open(os.path.join(workdir, "eval.json")).read()
     damage(os.path.join(workdir, "checkpoints", "checkpoint"))
@@ -233,8 +249,7 @@ class RunMetadataTest(absltest.TestCase):
 
   @pytest.mark.slow
   def test_resume_with_another_model_or_data_is_an_error(self):
-    workdir = tempfile.mkdtemp()
-    _train(tiny.vqvae_config(), workdir)
+    workdir = _trained_copy()
     before = _snapshot(workdir)
     for overrides, difference in (
         ({"num_embeddings": 32}, "model.num_embeddings"),
@@ -248,8 +263,7 @@ class RunMetadataTest(absltest.TestCase):
   @pytest.mark.slow
   def test_truncated_run_metadata_is_a_clear_error(self):
     """Case 4: a partial run.json names itself; nothing is touched."""
-    workdir = tempfile.mkdtemp()
-    _train(tiny.vqvae_config(), workdir)
+    workdir = _trained_copy()
     path = os.path.join(workdir, loop.RUN_FILE)
     with open(path, "r+") as f:
       f.truncate(40)
@@ -266,8 +280,7 @@ class MetricsRowsTest(absltest.TestCase):
   @pytest.mark.slow
   def test_torn_row_and_rows_after_the_checkpoint_are_dropped(self):
     """Case 4: a torn last line and rows of redone steps."""
-    workdir = tempfile.mkdtemp()
-    _train(tiny.vqvae_config(num_steps=4, checkpoint_every=4), workdir)
+    workdir = _trained_copy()  # Rows of steps 1, 2 and 4.
     path = os.path.join(workdir, loop.METRICS_FILE)
     with open(path, "a") as f:
       # A row of step 6 logged before a kill that lost its checkpoint, then
@@ -289,8 +302,7 @@ class EvaluationTest(absltest.TestCase):
   @pytest.mark.nonfinite
   def test_non_finite_evaluation_is_null_and_an_error(self):
     """Case 5: NaN test metrics are valid JSON and fail the run."""
-    workdir = tempfile.mkdtemp()
-    _train(tiny.vqvae_config(), workdir)
+    workdir = _trained_copy()
     config, model = train.restore_model(workdir)
     weights = model.decoder.trainable_variables[0]
     weights.assign(tf.fill(weights.shape, np.nan))
@@ -308,9 +320,9 @@ class PriorProvenanceTest(absltest.TestCase):
 
   @pytest.mark.slow
   def test_sampling_with_another_vqvae_is_an_error(self):
-    vqvae_a, vqvae_b, prior_dir = (tempfile.mkdtemp() for _ in range(3))
+    vqvae_a = _trained_copy()  # Seed 0, 4 steps.
+    vqvae_b, prior_dir = tempfile.mkdtemp(), tempfile.mkdtemp()
     with tfds.testing.mock_data(num_examples=16):
-      train.train(tiny.vqvae_config(num_steps=2, seed=0), vqvae_a)
       train.train(tiny.vqvae_config(num_steps=2, seed=1), vqvae_b)
       prior.train_prior(tiny.prior_config(num_steps=2), vqvae_a, prior_dir)
     config = tiny.prior_config(num_samples=2)
@@ -323,7 +335,7 @@ class PriorProvenanceTest(absltest.TestCase):
     # Trained further, the VQ-VAE's codes change: resuming the prior on them
     # is an error naming the step; sampling still finds the recorded one.
     with tfds.testing.mock_data(num_examples=16):
-      train.train(tiny.vqvae_config(num_steps=4, seed=0), vqvae_a)
+      train.train(tiny.vqvae_config(num_steps=6, seed=0), vqvae_a)
       with self.assertRaisesRegex(rundir.FingerprintMismatch, "vqvae.step"):
         prior.train_prior(tiny.prior_config(num_steps=4), vqvae_a, prior_dir)
     prior.sample(config, vqvae_a, prior_dir)
@@ -403,20 +415,40 @@ class ProcessFaultTest(absltest.TestCase):
     self.assertEqual(steps, [1, *range(2, step + 3, 2)])
 
   def test_kills_at_random_moments_lose_nothing(self):
-    """kill -9 during training, checkpointing, logging and evaluation."""
+    """kill -9 during a checkpoint's save, at random moments, in evaluation.
+
+    Each kill is a process start (most of this test's time), so the moments
+    are chosen: a save between its temporary write and its rename, two random
+    moments of training, checkpointing and logging, and evaluation.
+    """
     command = self._command(num_steps=60, checkpoint_every=5, log_every=3,
                             max_checkpoints_to_keep=1000)
+    checkpoints = os.path.join(self.workdir, "checkpoints")
     rng = random.Random(0)
     kept = {}
-    for kill in range(6):
+    for moment in ("save", "random", "random", "evaluation"):
       process = subprocess.Popen(command, env=_env(),
                                  stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
       start_step = _latest_step(self.workdir) or 0
-      if kill == 5:
-        # During evaluation: after the last checkpoint, before eval.json.
+      if moment == "evaluation":
+        # After the last checkpoint, before eval.json.
         while (_latest_step(self.workdir) != 60 and process.poll() is None):
           time.sleep(0.05)
+      elif moment == "save":
+        # A save's temporary directory exists (or, if the polls miss every
+        # save, a random moment 20 steps on).
+        deadline_step = start_step + 20
+        while process.poll() is None:
+          names = (os.listdir(checkpoints) if os.path.isdir(checkpoints)
+                   else [])
+          if any(name.endswith("_temp") for name in names):
+            break
+          steps = [int(n[5:-6]) for n in names
+                   if n.startswith("ckpt-") and n.endswith(".index")]
+          if max(steps, default=0) >= deadline_step:
+            break
+          time.sleep(0.002)
       else:
         # Some steps after the start, at a random moment.
         while ((_latest_step(self.workdir) or 0) < start_step + 5 and
