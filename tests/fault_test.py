@@ -323,7 +323,7 @@ class PriorProvenanceTest(absltest.TestCase):
     vqvae_a = _trained_copy()  # Seed 0, 4 steps.
     vqvae_b, prior_dir = tempfile.mkdtemp(), tempfile.mkdtemp()
     with tfds.testing.mock_data(num_examples=16):
-      train.train(tiny.vqvae_config(num_steps=2, seed=1), vqvae_b)
+      train.train(tiny.vqvae_config(seed=1), vqvae_b)
       prior.train_prior(tiny.prior_config(num_steps=2), vqvae_a, prior_dir)
     config = tiny.prior_config(num_samples=2)
     before = _snapshot(prior_dir)
