@@ -364,6 +364,9 @@ class ProcessFaultTest(absltest.TestCase):
       while _latest_step(self.workdir) is None and time.time() < deadline:
         self.assertIsNone(first.poll(), "the first run ended early")
         time.sleep(0.2)
+      # Stopped, it holds the lock as a running trainer does, but leaves the
+      # CPUs to the second process.
+      first.send_signal(signal.SIGSTOP)
       before = _checkpoint_files(self.workdir)
       start = time.time()
       second = subprocess.run(self._command(num_steps=100_000), env=_env(),
