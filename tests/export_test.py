@@ -38,7 +38,7 @@ _LOAD_WITHOUT_OUR_CODE = tiny.BLOCK_OUR_CODE + textwrap.dedent("""
     import numpy as np
     import tensorflow as tf
 
-    path, inputs, outputs = sys.argv[1:]
+    path, inputs, outputs, errors_file = sys.argv[1:]
     data = np.load(inputs)
     model = tf.saved_model.load(path)
     sig = model.signatures
@@ -61,16 +61,11 @@ _LOAD_WITHOUT_OUR_CODE = tiny.BLOCK_OUR_CODE + textwrap.dedent("""
     out["num_embeddings"] = model.num_embeddings
     out["code_shape"] = model.code_shape
     np.savez(outputs, **{k: np.asarray(v) for k, v in out.items()})
-""")
-
-# Also without our code: calls each signature with one bad input and saves
-# {case: the error's type and its lines that say what failed}.
-_BAD_INPUTS_WITHOUT_OUR_CODE = tiny.BLOCK_OUR_CODE + textwrap.dedent("""
+""") + textwrap.dedent("""
+    # Then calls each signature with one bad input and saves {case: the
+    # error's type and its lines that say what failed}.
     import json
-    import numpy as np
-    import tensorflow as tf
 
-    sig = tf.saved_model.load(sys.argv[1]).signatures
     uint8 = lambda *shape: tf.zeros(shape, tf.uint8)
     codes = lambda *shape, value=0: tf.fill(shape, value)
     draw = lambda labels=(1, 2), temperature=1.0, seed=0: sig["sample"](
@@ -107,7 +102,7 @@ _BAD_INPUTS_WITHOUT_OUR_CODE = tiny.BLOCK_OUR_CODE + textwrap.dedent("""
         errors[case] = type(e).__name__ + ": " + " ".join(
             line for line in str(e).splitlines()
             if "must" in line or "expected" in line)
-    with open(sys.argv[2], "w") as f:
+    with open(errors_file, "w") as f:
       json.dump(errors, f)
 """)
 
@@ -187,6 +182,32 @@ class ExportTest(absltest.TestCase):
     cls.vqvae_dir, cls.prior_dir = _trained_runs()
     cls.path = export.export_saved_model(cls.prior_dir,
                                          os.path.join(cls.base, "export"))
+    # The VQ-VAE's own export, into an empty directory (which export takes).
+    cls.vqvae_only = tempfile.mkdtemp(dir=cls.base)
+    export.export_saved_model(cls.vqvae_dir, cls.vqvae_only)
+    cls.without_our_code = None
+
+  def _run_without_our_code(self):
+    """(outputs.npz, errors.json) of _LOAD_WITHOUT_OUR_CODE, run once.
+
+    One Python for both tests that read them: each start costs seconds of
+    importing TensorFlow and loading the model.
+    """
+    cls = type(self)
+    if cls.without_our_code is None:
+      _, vqvae = train.restore_model(cls.vqvae_dir)
+      images = _images()
+      floats = images.astype(np.float32) / 255. - .5
+      codes = vqvae.encode(floats).numpy().astype(np.int32)
+      labels = np.array([0, 3, 9], np.int32)
+      inputs, outputs, errors = (os.path.join(cls.base, name) for name in
+                                 ("inputs.npz", "outputs.npz", "errors.json"))
+      np.savez(inputs, uint8=images, float=floats, codes=codes, labels=labels)
+      subprocess.run([sys.executable, "-c", _LOAD_WITHOUT_OUR_CODE, cls.path,
+                      inputs, outputs, errors], check=True, cwd=cls.base,
+                     env=dict(os.environ, PYTHONPATH=""))
+      cls.without_our_code = outputs, errors
+    return cls.without_our_code
 
   @classmethod
   def tearDownClass(cls):
@@ -195,18 +216,13 @@ class ExportTest(absltest.TestCase):
 
   @pytest.mark.slow
   def test_loads_without_our_code_and_gives_the_models_outputs(self):
+    outputs, _ = self._run_without_our_code()
     _, vqvae = train.restore_model(self.vqvae_dir)
     _, model = prior.restore_prior(self.prior_dir)
     images = _images()
     floats = images.astype(np.float32) / 255. - .5
     codes = vqvae.encode(floats).numpy().astype(np.int32)
     labels = np.array([0, 3, 9], np.int32)
-    inputs = os.path.join(self.base, "inputs.npz")
-    outputs = os.path.join(self.base, "outputs.npz")
-    np.savez(inputs, uint8=images, float=floats, codes=codes, labels=labels)
-    subprocess.run([sys.executable, "-c", _LOAD_WITHOUT_OUR_CODE, self.path,
-                    inputs, outputs], check=True, cwd=self.base,
-                   env=dict(os.environ, PYTHONPATH=""))
     got = dict(np.load(outputs))
 
     np.testing.assert_array_equal(got["encode"], codes)
@@ -264,11 +280,9 @@ class ExportTest(absltest.TestCase):
                                   temperature=tf.constant(0.),
                                   seed=tf.constant(0, tf.int64))
 
+  @pytest.mark.slow
   def test_signatures_loaded_without_our_code_check_every_input(self):
-    errors_file = os.path.join(self.base, "errors.json")
-    subprocess.run([sys.executable, "-c", _BAD_INPUTS_WITHOUT_OUR_CODE,
-                    self.path, errors_file], check=True, cwd=self.base,
-                   env=dict(os.environ, PYTHONPATH=""))
+    _, errors_file = self._run_without_our_code()
     with open(errors_file) as f:
       errors = json.load(f)
     self.assertEqual(set(errors), set(_BAD_INPUT_ERRORS))
@@ -277,9 +291,7 @@ class ExportTest(absltest.TestCase):
       self.assertIn(expected, errors[case], case)
 
   def test_vqvae_workdir_exports_without_sample(self):
-    path = export.export_saved_model(self.vqvae_dir,
-                                     os.path.join(self.base, "vqvae_only"))
-    loaded = tf.saved_model.load(path)
+    loaded = tf.saved_model.load(self.vqvae_only)
     self.assertEqual(set(loaded.signatures),
                      {"encode", "encode_float", "decode", "reconstruct"})
     # No [N, K] output in any signature.
@@ -305,9 +317,8 @@ class ExportTest(absltest.TestCase):
         ["after_kill", f"after_kill.export-{running.pid}"])  # Its own only.
 
   def test_into_an_empty_directory(self):
-    output = tempfile.mkdtemp(dir=self.base)
-    export.export_saved_model(self.vqvae_dir, output)
-    self.assertIn("saved_model.pb", os.listdir(output))
+    # setUpClass exported the VQ-VAE into an empty directory.
+    self.assertIn("saved_model.pb", os.listdir(self.vqvae_only))
 
 
 class ExportErrorTest(absltest.TestCase):
