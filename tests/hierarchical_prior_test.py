@@ -210,16 +210,13 @@ class EndToEndTest(absltest.TestCase):
   def test_vqvae2_then_prior_then_samples(self):
     vqvae_dir = self.enter_context(tempfile.TemporaryDirectory())
     prior_dir = self.enter_context(tempfile.TemporaryDirectory())
-    # One residual layer per stack and one gated layer per level: every
-    # graph this test traces (training, sampling, the export) is smaller.
     vqvae_config = tiny.vqvae_config(num_levels=2,
                                      level_num_embeddings=(8, 16),
-                                     num_residual_layers=1,
                                      num_steps=2, log_every=1)
-    prior_config = tiny.prior_config(num_steps=4, num_layers=1)
     with tfds.testing.mock_data(num_examples=16):
       train.train(vqvae_config, vqvae_dir)
-      metrics = prior.train_prior(prior_config, vqvae_dir, prior_dir)
+      metrics = prior.train_prior(tiny.prior_config(num_steps=4), vqvae_dir,
+                                  prior_dir)
     self.assertEqual(metrics["step"], 4)
     self.assertAlmostEqual(metrics["level0_uniform_nats_per_code"],
                            math.log(8))
@@ -233,8 +230,8 @@ class EndToEndTest(absltest.TestCase):
     self.assertEqual(print_["num_embeddings"], [8, 16])
     self.assertEqual(print_["code_shape"], [[4, 4], [8, 8]])
 
-    path = prior.sample(tiny.prior_config(num_samples=4, num_layers=1),
-                        vqvae_dir, prior_dir)
+    path = prior.sample(tiny.prior_config(num_samples=4), vqvae_dir,
+                        prior_dir)
     self.assertEqual(path, os.path.join(prior_dir, "prior_samples.png"))
     with open(path, "rb") as f:
       self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
