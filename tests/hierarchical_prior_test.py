@@ -180,6 +180,7 @@ class PriorOnLevelsTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       ("one_device", "default"), ("two_replicas", "replicator"))
+  @pytest.mark.slow
   def test_learns_the_bottom_from_the_top(self, strategy):
     workdir = self.enter_context(tempfile.TemporaryDirectory())
     config = tiny.prior_config(class_conditional=False, num_steps=100,

@@ -85,6 +85,7 @@ class LoopTest(parameterized.TestCase):
       self.assertAlmostEqual(float(value), float(singles[-1]["last"][key]),
                              places=5, msg=key)
 
+  @pytest.mark.slow
   def test_xla_loop_trains_like_the_plain_loop(self):
     strategy = tf.distribute.get_strategy()
     model_a, optimizer_a = _model()
@@ -210,6 +211,7 @@ class LoopTest(parameterized.TestCase):
       np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5,
                                  err_msg=a.name)
 
+  @pytest.mark.slow
   def test_xla_on_two_cpu_replicas_is_a_clear_error(self):
     replicator = distribute.make_strategy("replicator")
     model, optimizer = _model(replicator)

@@ -138,6 +138,7 @@ class TrainOnCodesTest(parameterized.TestCase):
   @parameterized.named_parameters(
       ("xla", dict(jit_compile=True)),
       ("two_replicas", dict(strategy="replicator")))
+  @pytest.mark.slow
   def test_learns_in_the_compiled_loop(self, overrides):
     workdir = self.enter_context(tempfile.TemporaryDirectory())
     config = _tiny_config(num_steps=100, steps_per_loop=50, **overrides)

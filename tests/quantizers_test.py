@@ -345,6 +345,7 @@ class NonFiniteInputsTest(parameterized.TestCase):
     reference(batch, is_training=True)
     np.testing.assert_array_equal(vq.embeddings, reference.embeddings)
 
+  @pytest.mark.slow
   def test_replicas(self):
     strategy = _two_replica_strategy(tf.distribute.MirroredStrategy)
     with strategy.scope():
@@ -525,6 +526,7 @@ class CodebookHealthTest(parameterized.TestCase):
     self.assertEqual(used_without, 1)
     self.assertGreaterEqual(used_with, 12)
 
+  @pytest.mark.slow
   @pytest.mark.nonfinite
   def test_restarts_and_nonfinite_inputs_under_xla(self):
     vq = self._collapsed(True, dead_code_threshold=0.5, kmeans_init=True)
