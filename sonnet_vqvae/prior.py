@@ -703,9 +703,11 @@ def sample_images(model: Prior, vqvae: snt.Module, *,
   labels, temperature = pixelcnn.sampling_args(num_samples, labels,
                                                model.num_classes, temperature)
   # The grid sizes are what the encoder makes of one image: traced, not run.
-  shapes = [tuple(c.shape[1:]) for c in code_grids(vqvae, tf.function(
-      vqvae.encode).get_concrete_function(tf.TensorSpec(
-          [1, 32, 32, 3], tf.float32)).structured_outputs)]
+  # (code_grids inside the trace: a residual's unstack needs a graph tensor.)
+  shapes = [tuple(c.shape[1:]) for c in tf.function(
+      lambda images: code_grids(vqvae, vqvae.encode(images))
+  ).get_concrete_function(tf.TensorSpec([1, 32, 32, 3], tf.float32)
+                          ).structured_outputs]
   hierarchical_ = isinstance(model, hierarchical_prior.HierarchicalPrior)
 
   def draw(labels, unused_mask):
