@@ -43,27 +43,3 @@ def _restore(state):
     logger.setLevel(level)
     logger.handlers[:] = handlers
     logger.propagate = propagate
-
-
-# The files whose tests take longest (end-to-end runs, subprocesses), longest
-# first. `--dist loadfile` hands files to the workers in collection order, so
-# running these first keeps one worker from finishing a long file alone while
-# the other idles (about a tenth of the suite's wall time on 2 cores).
-_LONG_FILES_FIRST = (
-    "loop_test.py", "fault_test.py", "hierarchical_prior_test.py",
-    "hierarchical_test.py", "train_cli_test.py", "quantizers_test.py",
-    "notebook_test.py", "prior_test.py", "quantizer_kinds_test.py",
-    "readme_test.py", "train_test.py", "distribute_test.py")
-
-
-def pytest_collection_modifyitems(items):
-  """Orders the files longest first (`_LONG_FILES_FIRST`), the rest after.
-
-  A stable sort by file: each file's tests keep their order and stay
-  together, so its module-scoped fixtures are still built once.
-  """
-  def rank(item):
-    name = item.path.name
-    return (_LONG_FILES_FIRST.index(name) if name in _LONG_FILES_FIRST
-            else len(_LONG_FILES_FIRST))
-  items.sort(key=rank)
