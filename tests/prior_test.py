@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -117,15 +118,44 @@ class UnigramNllTest(absltest.TestCase):
                            expected)
 
 
+# Module-level prior runs on the repeated-code grids, trained once and shared
+# (each training traces its loop and evaluation anew: seconds per run).
+_RUNS = {}
+
+
+def _repeated_data():
+  return _constant_grids(64, seed=0), _constant_grids(32, seed=1)
+
+
+def _shared_run(num_steps):
+  """(workdir, metrics) of the class-conditional prior after `num_steps`.
+
+  Checkpoints and test-NLL validations every 50 steps. Tests only read the
+  workdir; one that trains on it or damages it copies it first.
+  """
+  if num_steps not in _RUNS:
+    workdir = tempfile.mkdtemp()
+    metrics = prior.train_on_codes(
+        _tiny_config(num_steps=num_steps, checkpoint_every=50),
+        *_repeated_data(), _K, workdir)
+    _RUNS[num_steps] = (workdir, metrics)
+  return _RUNS[num_steps]
+
+
+def _copy_of_shared_run(test, num_steps):
+  copy = os.path.join(test.enter_context(tempfile.TemporaryDirectory()), "w")
+  shutil.copytree(_shared_run(num_steps)[0], copy)
+  return copy
+
+
+def tearDownModule():
+  for workdir, _ in _RUNS.values():
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
 class TrainOnCodesTest(parameterized.TestCase):
 
-  @parameterized.parameters(True, False)
-  def test_learns_repeated_codes(self, class_conditional):
-    workdir = self.enter_context(tempfile.TemporaryDirectory())
-    config = _tiny_config(class_conditional=class_conditional,
-                          num_steps=100)
-    metrics = prior.train_on_codes(config, _constant_grids(64, seed=0),
-                                   _constant_grids(32, seed=1), _K, workdir)
+  def _check_learned(self, metrics, workdir):
     # Uniform costs log 8 = 2.08 nats per code. Knowing that the grid repeats
     # its first code leaves about log(8) / 9 = 0.23 unconditionally.
     self.assertLess(metrics["nll_nats_per_code"], 0.35 * math.log(_K))
@@ -135,40 +165,49 @@ class TrainOnCodesTest(parameterized.TestCase):
       self.assertEqual(json.load(f), metrics)
     self.assertEqual(metrics["step"], 100)
 
+  def test_learns_repeated_codes_class_conditional(self):
+    workdir, metrics = _shared_run(100)
+    self._check_learned(metrics, workdir)
+
+  def test_learns_repeated_codes_unconditional(self):
+    workdir = self.enter_context(tempfile.TemporaryDirectory())
+    # No validation passes: the conditional run above has them.
+    config = _tiny_config(class_conditional=False, num_steps=100,
+                          checkpoint_every=100)
+    metrics = prior.train_on_codes(config, *_repeated_data(), _K, workdir)
+    self._check_learned(metrics, workdir)
+
   @parameterized.named_parameters(
       ("xla", dict(jit_compile=True)),
       ("two_replicas", dict(strategy="replicator")))
   @pytest.mark.slow
   def test_learns_in_the_compiled_loop(self, overrides):
     workdir = self.enter_context(tempfile.TemporaryDirectory())
-    config = _tiny_config(num_steps=100, steps_per_loop=50, **overrides)
-    metrics = prior.train_on_codes(config, _constant_grids(64, seed=0),
-                                   _constant_grids(32, seed=1), _K, workdir)
+    # checkpoint_every: no validation passes (each traces an evaluation).
+    config = _tiny_config(num_steps=100, steps_per_loop=50,
+                          checkpoint_every=100, **overrides)
+    metrics = prior.train_on_codes(config, *_repeated_data(), _K, workdir)
     self.assertLess(metrics["nll_nats_per_code"], 0.35 * math.log(_K))
     rows = rundir.RunDir(workdir, writer=False).read_rows(
         prior.loop.METRICS_FILE)
     self.assertEqual([r["step"] for r in rows], [1, *range(10, 101, 10)])
 
   def test_incompatible_checkpoint_is_error_and_workdir_kept(self):
-    workdir = self.enter_context(tempfile.TemporaryDirectory())
-    train, test = _constant_grids(16, seed=0), _constant_grids(8, seed=1)
-    prior.train_on_codes(_tiny_config(num_steps=20), train, test, _K, workdir)
+    workdir = _copy_of_shared_run(self, 20)
     before = _file_contents(workdir)
     with self.assertRaisesRegex(rundir.FingerprintMismatch,
                                 "model.hidden_channels: 8 in .*, 16 now"):
-      prior.train_on_codes(_tiny_config(hidden_channels=16), train, test, _K,
-                           workdir)
+      prior.train_on_codes(_tiny_config(hidden_channels=16),
+                           *_repeated_data(), _K, workdir)
     self.assertEqual(_file_contents(workdir), before)
 
   def test_resumed_run_equals_uninterrupted_run(self):
-    train, test = _constant_grids(64, seed=0), _constant_grids(8, seed=1)
-    once = self.enter_context(tempfile.TemporaryDirectory())
-    prior.train_on_codes(_tiny_config(), train, test, _K, once)
-    resumed = self.enter_context(tempfile.TemporaryDirectory())
-    prior.train_on_codes(_tiny_config(num_steps=20), train, test, _K,
-                         resumed)
-    metrics = prior.train_on_codes(_tiny_config(), train, test, _K, resumed)
-    self.assertEqual(metrics["step"], 40)
+    once, _ = _shared_run(100)
+    resumed = _copy_of_shared_run(self, 20)  # Stopped at step 20.
+    metrics = prior.train_on_codes(
+        _tiny_config(num_steps=100, checkpoint_every=50), *_repeated_data(),
+        _K, resumed)
+    self.assertEqual(metrics["step"], 100)
     _, model_once = prior.restore_prior(once, _K)
     _, model_resumed = prior.restore_prior(resumed, _K)
     for a, b in zip(model_once.trainable_variables,
@@ -219,8 +258,10 @@ class EndToEndTest(absltest.TestCase):
                                      log_every=1)
     with tfds.testing.mock_data(num_examples=16):
       train.train(vqvae_config, vqvae_dir)  # The prior needs no evaluation.
-      metrics = prior.train_prior(_tiny_config(num_steps=4), vqvae_dir,
-                                  prior_dir)
+      # Batches of the 16 mock images, not the default 256 (padding).
+      metrics = prior.train_prior(
+          _tiny_config(num_steps=4, encode_batch_size=16), vqvae_dir,
+          prior_dir)
     self.assertEqual(metrics["step"], 4)
     self.assertAlmostEqual(metrics["uniform_nats_per_code"], math.log(_K))
     self.assertTrue(math.isfinite(metrics["bits_per_dim"]))
