@@ -302,17 +302,19 @@ class RealTpuInitTest(absltest.TestCase):
     self.assertIn("plain `tensorflow` has no TPU kernels", run.stdout)
 
 
-# One worker of a 2-worker cluster: restores (pretends) argv[1] as its step.
+# One worker of a 2-worker cluster: checks, in turn, each step of argv[1:] as
+# the one it restored (pretends).
 _WORKER = """
 import sys
 from sonnet_vqvae import distribute
 strategy = distribute.make_strategy("multi_worker")
-try:
-  distribute.check_same_step(int(sys.argv[1]), strategy)
-except RuntimeError as e:
-  print("FAILED:", e)
-  sys.exit(3)
-print("SAME STEP")
+for step in sys.argv[1:]:
+  try:
+    distribute.check_same_step(int(step), strategy)
+  except RuntimeError as e:
+    print("FAILED:", e)
+  else:
+    print("SAME STEP")
 """
 
 
@@ -327,26 +329,29 @@ def _free_port():
 class SameStepTest(absltest.TestCase):
 
   def _workers(self, steps):
-    cluster = {"worker": [f"127.0.0.1:{_free_port()}" for _ in steps]}
+    """(log, exit code) of each worker; worker i checks steps[j][i], j = 0..."""
+    cluster = {"worker": [f"127.0.0.1:{_free_port()}" for _ in steps[0]]}
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONPATH=os.path.dirname(os.path.dirname(
                    os.path.abspath(__file__))))
     workers = [subprocess.Popen(
-        [sys.executable, "-c", _WORKER, str(step)],
+        [sys.executable, "-c", _WORKER, *(str(s[i]) for s in steps)],
         env=dict(env, TF_CONFIG=json.dumps(
             {"cluster": cluster, "task": {"type": "worker", "index": i}})),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for i, step in enumerate(steps)]
+               for i in range(len(steps[0]))]
     return [(w.communicate(timeout=180)[0], w.returncode) for w in workers]
 
   def test_workers_that_restored_different_steps_both_fail_clearly(self):
-    for log, code in self._workers([3, 0]):
-      self.assertEqual(code, 3, log[-2000:])
-      self.assertIn("The workers restored different steps [3, 0]", log)
-      self.assertIn("shared filesystem", log)
-    for log, code in self._workers([3, 3]):
+    # One cluster for both checks (each worker start costs seconds): the
+    # steps differ, then agree.
+    for log, code in self._workers([[3, 0], [3, 3]]):
       self.assertEqual(code, 0, log[-2000:])
-      self.assertIn("SAME STEP", log)
+      failed, same = [line for line in log.splitlines()
+                      if line.startswith(("FAILED:", "SAME STEP"))]
+      self.assertIn("The workers restored different steps [3, 0]", failed)
+      self.assertIn("shared filesystem", failed)
+      self.assertEqual(same, "SAME STEP")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,12 @@ def _train(config, workdir):
     return train.train_and_evaluate(config, workdir)
 
 
+def _train_only(config, workdir):
+  """`train` without the evaluation: for tests that check none of it."""
+  with tfds.testing.mock_data(num_examples=16):
+    return train.train(config, workdir)
+
+
 # The workdir of one tiny run (4 steps, checkpoints at 2 and 4, evaluated),
 # trained once per module: tests that only need a trained run copy it.
 _TRAINED = []
@@ -163,7 +169,7 @@ class ReaderTest(absltest.TestCase):
       return merge(*args, **kwargs)
 
     with mock.patch.object(gen_io_ops, "merge_v2_checkpoints", paused_merge):
-      _train(tiny.vqvae_config(num_steps=6), workdir)
+      _train_only(tiny.vqvae_config(num_steps=6), workdir)
     self.assertLen(seen, 3, "the reader did not run during the save")
     self.assertEqual(seen[2], seen[0])  # It moved and wrote nothing.
     self.assertEqual(_latest_step(workdir), 6)  # The save went through.
@@ -286,7 +292,7 @@ class MetricsRowsTest(absltest.TestCase):
       # A row of step 6 logged before a kill that lost its checkpoint, then
       # half a row.
       f.write(json.dumps({"step": 6, "loss": 1.0}) + "\n{\"step\": 8, \"lo")
-    _train(tiny.vqvae_config(num_steps=8, checkpoint_every=4), workdir)
+    _train_only(tiny.vqvae_config(num_steps=8, checkpoint_every=4), workdir)
     self.assertEqual([r["step"] for r in _rows(workdir)], [1, 2, 4, 6, 8])
     with open(path) as f:
       for line in f:
@@ -341,6 +347,10 @@ class PriorProvenanceTest(absltest.TestCase):
     prior.sample(config, vqvae_a, prior_dir)
 
 
+class _Stopped(Exception):
+  """Ends a trainer that a test stopped on purpose."""
+
+
 @pytest.mark.slow
 class ProcessFaultTest(absltest.TestCase):
   """Kills and concurrent starts of the real CLI."""
@@ -355,32 +365,36 @@ class ProcessFaultTest(absltest.TestCase):
             *tiny.cli_flags(config)]
 
   def test_second_process_on_a_workdir_fails_at_once(self):
-    first = subprocess.Popen(
-        self._command(num_steps=100_000, checkpoint_every=50, log_every=50,
-                      max_checkpoints_to_keep=100_000),
-        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-      deadline = time.time() + 120
-      while _latest_step(self.workdir) is None and time.time() < deadline:
-        self.assertIsNone(first.poll(), "the first run ended early")
-        time.sleep(0.2)
-      # Stopped, it holds the lock as a running trainer does, but leaves the
-      # CPUs to the second process.
-      first.send_signal(signal.SIGSTOP)
-      before = _checkpoint_files(self.workdir)
+    """A second `train` fails at once while a trainer holds the workdir.
+
+    The trainer is this process, held where it has taken the lock and
+    restored the run's newest checkpoint: only the second process starts.
+    """
+    self.workdir = _trained_copy()
+    before = _checkpoint_files(self.workdir)
+    restore = loop.restore
+    second = []
+
+    def start_a_second_process(*args, **kwargs):
+      step = restore(*args, **kwargs)
+      self.assertTrue(_held_by_another(self.workdir))
       start = time.time()
-      second = subprocess.run(self._command(num_steps=100_000), env=_env(),
-                              capture_output=True, text=True, timeout=120)
-      self.assertNotEqual(second.returncode, 0)
-      self.assertIn("in use by another process", second.stderr)
-      self.assertIn(f"pid {first.pid}", second.stderr)
-      # At once: the time of a Python/TF start, not of training.
-      self.assertLess(time.time() - start, 60)
-      for path, content in before.items():
-        self.assertEqual(open(path, "rb").read(), content)
-    finally:
-      first.kill()
-      first.wait()
+      second.append(subprocess.run(self._command(num_steps=100_000),
+                                   env=_env(), capture_output=True,
+                                   text=True, timeout=120))
+      second.append(time.time() - start)
+      raise _Stopped(step)
+
+    with mock.patch.object(loop, "restore", start_a_second_process):
+      with self.assertRaises(_Stopped):
+        _train_only(tiny.vqvae_config(num_steps=100_000), self.workdir)
+    run, seconds = second
+    self.assertNotEqual(run.returncode, 0)
+    self.assertIn("in use by another process", run.stderr)
+    self.assertIn(f"pid {os.getpid()}", run.stderr)
+    # At once: the time of a Python/TF start, not of training.
+    self.assertLess(seconds, 60)
+    self.assertEqual(_checkpoint_files(self.workdir), before)
 
   def test_sigterm_saves_its_step_and_the_run_resumes_there(self):
     """SIGTERM loses no step: the current loop call ends in a checkpoint."""
@@ -409,31 +423,36 @@ class ProcessFaultTest(absltest.TestCase):
     step = int(stopped[1])
     self.assertGreaterEqual(step, logged)  # Every step it logged is saved.
     self.assertEqual(_latest_step(self.workdir), step)
-    resumed = subprocess.run(
-        self._command(num_steps=step + 2, jit_compile=False), env=_env(),
-        capture_output=True, text=True, timeout=300)
-    self.assertEqual(resumed.returncode, 0, resumed.stderr[-3000:])
-    self.assertIn(f"Training from step {step} to {step + 2}", resumed.stderr)
+    # The resume, in this process (the CLI's resume after a kill is
+    # test_kills_at_random_moments_lose_nothing's).
+    with self.assertLogs(level="INFO") as logs:
+      _train_only(tiny.vqvae_config(num_steps=step + 2), self.workdir)
+    self.assertIn(f"Training from step {step} to {step + 2}",
+                  "\n".join(logs.output))
     steps = [r["step"] for r in _rows(self.workdir)]
     self.assertEqual(steps, [1, *range(2, step + 3, 2)])
 
   def test_kills_at_random_moments_lose_nothing(self):
-    """kill -9 during a checkpoint's save, at random moments, in evaluation.
+    """kill -9 during a checkpoint's save, at a random moment, in evaluation.
 
     Each kill is a process start (most of this test's time), so the moments
-    are chosen: a save between its temporary write and its rename, two random
-    moments of training, checkpointing and logging, and evaluation.
+    are chosen: a save between its temporary write and its rename, a random
+    moment of training, checkpointing and logging, and evaluation. Each
+    start of the same command resumes from the newest checkpoint, and the
+    last one runs to the end.
     """
     command = self._command(num_steps=60, checkpoint_every=5, log_every=3,
                             max_checkpoints_to_keep=1000)
     checkpoints = os.path.join(self.workdir, "checkpoints")
     rng = random.Random(0)
     kept = {}
-    for moment in ("save", "random", "random", "evaluation"):
-      process = subprocess.Popen(command, env=_env(),
-                                 stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
+    for moment in ("save", "random", "evaluation", "end"):
       start_step = _latest_step(self.workdir) or 0
+      log = tempfile.TemporaryFile("w+")
+      process = subprocess.Popen(command, env=_env(),
+                                 stdout=subprocess.DEVNULL, stderr=log)
+      self.addCleanup(process.wait)
+      self.addCleanup(process.kill)
       if moment == "evaluation":
         # After the last checkpoint, before eval.json.
         while (_latest_step(self.workdir) != 60 and process.poll() is None):
@@ -452,18 +471,21 @@ class ProcessFaultTest(absltest.TestCase):
           if max(steps, default=0) >= deadline_step:
             break
           time.sleep(0.002)
-      else:
+      elif moment == "random":
         # Some steps after the start, at a random moment.
         while ((_latest_step(self.workdir) or 0) < start_step + 5 and
                process.poll() is None):
           time.sleep(0.05)
         time.sleep(rng.uniform(0, 0.5))
-      process.send_signal(signal.SIGKILL)
-      process.wait()
+      if moment != "end":
+        process.send_signal(signal.SIGKILL)
+      process.wait(timeout=300)
+      log.seek(0)
+      stderr = log.read()
+      # Every moment comes after the start of training.
+      self.assertIn(f"Training from step {start_step} to 60", stderr)
       kept.update(_checkpoint_files(self.workdir))
-    final = subprocess.run(command, env=_env(), capture_output=True,
-                           text=True, timeout=300)
-    self.assertEqual(final.returncode, 0, final.stderr[-3000:])
+    self.assertEqual(process.returncode, 0, stderr[-3000:])
     self.assertEqual(_latest_step(self.workdir), 60)
     for path, content in kept.items():  # Every earlier checkpoint intact.
       with open(path, "rb") as f:
@@ -473,7 +495,6 @@ class ProcessFaultTest(absltest.TestCase):
     self.assertEqual(steps[-1], 60)
     with open(os.path.join(self.workdir, loop.EVAL_FILE)) as f:
       self.assertIn("nmse", json.load(f))
-
 
 if __name__ == "__main__":
   absltest.main()

@@ -1,22 +1,23 @@
-"""Process-level tests of sonnet_vqvae.train: CLI, SIGKILL + resume, workers.
+"""Process-level tests of sonnet_vqvae.train: CLI, presets, resume, workers.
 
-Each test starts fresh Python processes, which read tfds mock data.
+Each test starts fresh Python processes, which read tfds mock data (kills
+and resumes of the CLI are tests/fault_test.py's).
 """
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 from absl.testing import absltest
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
+from sonnet_vqvae import train
 import tiny
 
 # Runs the real CLI (flags, config overrides) on tfds mock data.
@@ -86,39 +87,10 @@ class TrainCliTest(absltest.TestCase):
     return [sys.executable, "-c", _CLI, f"--workdir={self.workdir}", *_TINY,
             *args]
 
-  def test_sigkill_then_same_command_resumes_to_the_end(self):
-    command = self._cli("--config.num_steps=300",
-                        "--config.checkpoint_every=20",
-                        "--config.log_every=100")
-    first = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 90
-    while _latest_step(self.workdir) is None and time.time() < deadline:
-      self.assertIsNone(first.poll(), "the run ended before it was killed")
-      # Killed within ~20 ms of its first checkpoint, far from step 300.
-      time.sleep(0.02)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    killed_at = _latest_step(self.workdir)
-    self.assertIsNotNone(killed_at)
-    self.assertLess(killed_at, 300)
-
-    second = subprocess.run(command, env=_env(), capture_output=True,
-                            text=True, timeout=300, check=False)
-    self.assertEqual(second.returncode, 0, second.stderr[-3000:])
-    self.assertIn(f"Training from step {killed_at} to 300", second.stderr)
-    self.assertEqual(_latest_step(self.workdir), 300)
-    self.assertTrue(os.path.exists(os.path.join(self.workdir, "eval.json")))
-
   def test_evaluate_mode_and_unknown_override(self):
-    train_run = subprocess.run(self._cli("--config.num_steps=2"), env=_env(),
-                               capture_output=True, text=True, timeout=300)
-    self.assertEqual(train_run.returncode, 0, train_run.stderr[-3000:])
-    # The console: our INFO lines, not tensorflow_datasets' (--verbose shows
-    # those).
-    self.assertIn("Training from step 0 to 2", train_run.stderr)
-    self.assertNotIn("Constructing tf.data.Dataset", train_run.stderr)
-    os.remove(os.path.join(self.workdir, "eval.json"))
+    # A run to evaluate, trained here: a CLI training is the other tests'.
+    with tfds.testing.mock_data(num_examples=16):
+      train.train(tiny.vqvae_config(num_steps=2), self.workdir)
     # Evaluation writes the workdir: it is refused while another holds it.
     holder = subprocess.Popen(
         [sys.executable, "-c", _LOCK_HOLDER, self.workdir],
@@ -165,6 +137,10 @@ class TrainCliTest(absltest.TestCase):
 
     first = run("--config=default", *_TINY, "--config.num_steps=2")
     self.assertEqual(first.returncode, 0, first.stderr[-3000:])
+    # The console: our INFO lines, not tensorflow_datasets' (--verbose shows
+    # those).
+    self.assertIn("Training from step 0 to 2", first.stderr)
+    self.assertNotIn("Constructing tf.data.Dataset", first.stderr)
     # The stored config, the new num_steps: no other flag retyped.
     resumed = run("--config.num_steps=4")
     self.assertEqual(resumed.returncode, 0, resumed.stderr[-3000:])
