@@ -389,7 +389,7 @@ def run_batches(strategy: tf.distribute.Strategy,
     ValueError: as `check_variables`.
   """
   if not _on_replicas(strategy):
-    local = tf.function(replica_fn)
+    local = tf.function(replica_fn, autograph=False)
     for batch, mask in batches:
       totals, rows = local(batch, mask)
       yield totals, rows, mask
@@ -405,6 +405,7 @@ def run_batches(strategy: tf.distribute.Strategy,
     local = replicas // context.num_input_pipelines
     first = context.input_pipeline_id * local
 
+    @tf.autograph.experimental.do_not_convert
     def split(batch, mask):
       (batch, mask), _ = input_pipeline.pad_batch((batch, mask),
                                                   per_replica * replicas)
@@ -422,7 +423,7 @@ def run_batches(strategy: tf.distribute.Strategy,
     # all_gather takes no bools.
     return totals, context.all_gather((rows, tf.cast(mask, tf.int32)), axis=0)
 
-  @tf.function
+  @tf.function(autograph=False)
   def step(element):
     out = strategy.run(gathered, args=element)
     # Every replica holds the same sums and the whole batch: take the first.

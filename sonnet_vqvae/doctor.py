@@ -217,7 +217,7 @@ def run_checks() -> bool:
     batch = state["batch"][:8]
     z = model.pre_vq_conv(model.encoder(batch))
 
-    @tf.function
+    @tf.function(autograph=False)
     def encode(z):
       return strategy.run(
           lambda v: model.quantizer(v, is_training=False)["encoding_indices"],

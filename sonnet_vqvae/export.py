@@ -118,7 +118,8 @@ class Exported(tf.Module):
                          if self._stages else code_shapes)
     self._sizes = sizes
     for name, (function, specs) in self._functions().items():
-      setattr(self, name, tf.function(function, input_signature=specs))
+      setattr(self, name, tf.function(function, input_signature=specs,
+                                      autograph=False))
 
   def _functions(self):
     """name -> (Python function, its input TensorSpecs) of every signature."""
@@ -154,7 +155,7 @@ class Exported(tf.Module):
     a check of what a static shape already says into True. The functions'
     own asserts check every shape and value, then fix the static shape.
     """
-    return {name: tf.function(function).get_concrete_function(
+    return {name: tf.function(function, autograph=False).get_concrete_function(
         *[tf.TensorSpec(None, spec.dtype, spec.name) for spec in specs])
             for name, (function, specs) in self._functions().items()}
 

@@ -222,7 +222,7 @@ class HierarchicalPrior(pixelcnn.EagerModule):
     return self._sample(num_samples, tuple(tuple(s) for s in shapes), labels,
                         temperature, tf.constant([seed, 0], tf.int64), given)
 
-  @tf.function
+  @tf.function(autograph=False)
   def _sample(self, num_samples, shapes, labels, temperature, seed, given):
     return self.sample_graph(num_samples, shapes, labels, temperature, seed,
                              given)

@@ -361,7 +361,8 @@ def make_loop(replica_step: Callable[[Any], Mapping[str, tf.Tensor]],
       _GUARD.stopped = None
 
   if jit_compile and not distribute.is_tpu(strategy):
-    guarded_step = tf.function(guarded_step, jit_compile=True)
+    guarded_step = tf.function(guarded_step, jit_compile=True,
+                               autograph=False)
 
   # The metrics' names, known once the step is traced inside the loop: the
   # loop carries them as one vector, so nothing needs their structure before.
@@ -375,7 +376,9 @@ def make_loop(replica_step: Callable[[Any], Mapping[str, tf.Tensor]],
     names[:] = sorted(metrics)
     return tf.stack([tf.cast(metrics[k], tf.float32) for k in names])
 
-  @tf.function
+  # Written with tf.while_loop and tf.cond: AutoGraph's source rewrite of us
+  # and Sonnet would only cost seconds per process (and reread edited files).
+  @tf.function(autograph=False)
   def train_loop(iterator, num_steps):
     def body(i, stopped, bad_step, sums, last):
       values = step_metrics(iterator, stopped)

@@ -331,7 +331,7 @@ class GatedPixelCNN(EagerModule):
     return self._sample(num_samples, height, width, labels, temperature,
                         tf.constant([seed, 0], tf.int64), condition)
 
-  @tf.function
+  @tf.function(autograph=False)
   def _sample(self, num_samples, height, width, labels, temperature, seed,
               condition):
     return self.sample_graph(num_samples, height, width, labels, temperature,

@@ -64,7 +64,7 @@ def bfloat16_probe(rounds: int = 3, calls: int = 4) -> Tuple[bool, float]:
     conv = snt.Conv2D(128, 3, name=f"probe_{dtype.name}")
     conv(tf.cast(images, dtype))  # Builds its float32 variables.
 
-    @tf.function
+    @tf.function(autograph=False)
     def step(x, conv=conv, dtype=dtype):
       with tf.GradientTape() as tape:
         with snt.mixed_precision.scope(dtype):

@@ -145,6 +145,12 @@ def code_nll(model: Prior, codes, labels: tf.Tensor):
   return nll if hierarchical_ else nll[0]
 
 
+# Traced by tf.data: no AutoGraph rewrite needed (see input_pipeline._scale).
+@tf.autograph.experimental.do_not_convert
+def _image_and_label(example):
+  return {k: example[k] for k in ("image", "label")}
+
+
 def encode_split(vqvae: snt.Module, split: str, *, batch_size: int,
                  dataset: str, data_dir: Optional[str], download: bool,
                  strategy: Optional[tf.distribute.Strategy] = None
@@ -171,8 +177,7 @@ def encode_split(vqvae: snt.Module, split: str, *, batch_size: int,
   """
   batches = input_pipeline.padded_batches(input_pipeline.load_split(
       split, dataset=dataset, data_dir=data_dir, download=download).map(
-          lambda example: {k: example[k] for k in ("image", "label")}),
-      batch_size)
+          _image_and_label), batch_size)
 
   def encode(batch, unused_mask):
     return {}, (code_grids(vqvae, vqvae.encode(batch["image"])),
@@ -705,7 +710,7 @@ def sample_images(model: Prior, vqvae: snt.Module, *,
   # The grid sizes are what the encoder makes of one image: traced, not run.
   # (code_grids inside the trace: a residual's unstack needs a graph tensor.)
   shapes = [tuple(c.shape[1:]) for c in tf.function(
-      lambda images: code_grids(vqvae, vqvae.encode(images))
+      lambda images: code_grids(vqvae, vqvae.encode(images)), autograph=False
   ).get_concrete_function(tf.TensorSpec([1, 32, 32, 3], tf.float32)
                           ).structured_outputs]
   hierarchical_ = isinstance(model, hierarchical_prior.HierarchicalPrior)
