@@ -1,11 +1,14 @@
-"""Runs the notebooks top to bottom with a tiny step count."""
+"""Runs the notebooks top to bottom with a tiny step count and tiny models."""
 
+import json
 import os
 import pathlib
 
 import nbclient
 import nbformat
 import pytest
+
+import tiny
 
 _NOTEBOOKS = pathlib.Path(__file__).parent.parent / "notebooks"
 # Starts tfds' mock data inside the kernel when the real subset is absent.
@@ -16,11 +19,42 @@ _mock_data.__enter__()
 """
 
 
+# Runs right after the notebook's imports: the model sizes of tests/tiny.py
+# replace the reference ones (as the README test's flags do), so each cell runs
+# as written, in seconds.
+_TINY_MODELS = """
+import tiny
+from sonnet_vqvae.configs import default as _default, prior as _prior
+
+
+def _tiny_sizes(get_config, tiny_config, keys):
+  def get_tiny_config():
+    config = get_config()
+    config.update({key: tiny_config[key] for key in keys})
+    return config
+  return get_tiny_config
+
+
+_default.get_config = _tiny_sizes(
+    _default.get_config, tiny.vqvae_config(),
+    ("num_hiddens", "num_residual_hiddens", "embedding_dim", "num_embeddings"))
+_prior.get_config = _tiny_sizes(_prior.get_config, tiny.prior_config(),
+                                ("hidden_channels", "num_layers"))
+"""
+
+
 def _parameters_index(notebook) -> int:
   for index, cell in enumerate(notebook.cells):
     if "parameters" in cell.metadata.get("tags", []):
       return index
   raise AssertionError("The notebook has no cell tagged 'parameters'.")
+
+
+def _imports_index(notebook) -> int:
+  for index, cell in enumerate(notebook.cells):
+    if "from sonnet_vqvae.configs import" in cell.source:
+      return index
+  raise AssertionError("No cell imports the notebook's configs.")
 
 
 # Each notebook, the images it must show and the files its run must write.
@@ -40,8 +74,10 @@ _EXPECTED = {
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(_EXPECTED))
 def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
-  # The kernel imports this checkout, whether or not it is installed.
-  monkeypatch.setenv("PYTHONPATH", str(_NOTEBOOKS.parent))
+  # The kernel imports this checkout, whether or not it is installed, and
+  # tests/tiny.py.
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+      [str(_NOTEBOOKS.parent), str(_NOTEBOOKS.parent / "tests")]))
   notebook = nbformat.read(_NOTEBOOKS / name, as_version=4)
   # The committed run's own parameters give way to the test's.
   notebook.cells = [cell for cell in notebook.cells if "injected-parameters"
@@ -56,6 +92,8 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
       f"WORKDIR = {str(tmp_path / 'run')!r}\nPRIOR_NUM_STEPS = 2\n")
   # As papermill does: overrides go right after the parameters cell.
   notebook.cells.insert(_parameters_index(notebook) + 1, overrides)
+  notebook.cells.insert(_imports_index(notebook) + 1,
+                        nbformat.v4.new_code_cell(_TINY_MODELS))
 
   # A cell error raises CellExecutionError and fails the test.
   nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
@@ -69,6 +107,9 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
   assert len(images) >= num_images
   for path in files:
     assert (tmp_path / "run" / path).exists(), path
+  # The run had the tiny sizes (the cell that sets them did its job).
+  with open(tmp_path / "run" / "run.json") as f:
+    assert json.load(f)["config"]["num_embeddings"] == tiny.NUM_EMBEDDINGS
   # Logs are plain text: the package's lines on stdout, TF's start-up lines
   # not shown (Jupyter shows stderr in red). The mock-data cell, which
   # imports TF first, is the test's, not the notebook's.
