@@ -183,8 +183,10 @@ class PriorOnLevelsTest(parameterized.TestCase):
   @pytest.mark.slow
   def test_learns_the_bottom_from_the_top(self, strategy):
     workdir = self.enter_context(tempfile.TemporaryDirectory())
+    # checkpoint_every: no mid-run validation passes, each of which traces
+    # an evaluation (prior_test's runs have them).
     config = tiny.prior_config(class_conditional=False, num_steps=100,
-                               strategy=strategy)
+                               checkpoint_every=100, strategy=strategy)
     metrics = prior.train_on_codes(config, _chained_grids(64, seed=0),
                                    _chained_grids(32, seed=1), [4, 5],
                                    workdir)
@@ -216,8 +218,10 @@ class EndToEndTest(absltest.TestCase):
                                      num_steps=2, log_every=1)
     with tfds.testing.mock_data(num_examples=16):
       train.train(vqvae_config, vqvae_dir)
-      metrics = prior.train_prior(tiny.prior_config(num_steps=4), vqvae_dir,
-                                  prior_dir)
+      # Batches of the 16 mock images, not the default 256 (padding).
+      metrics = prior.train_prior(
+          tiny.prior_config(num_steps=4, encode_batch_size=16), vqvae_dir,
+          prior_dir)
     self.assertEqual(metrics["step"], 4)
     self.assertAlmostEqual(metrics["level0_uniform_nats_per_code"],
                            math.log(8))
