@@ -55,15 +55,32 @@ def _restore_state(model, optimizer, state):
     variable.assign(value)
 
 
+# One model and loop per jit_compile, shared by the tests below: each trace
+# costs seconds, each XLA compile more. A test starts from `initial`.
+_LOOPS = {}
+
+
+def _shared_loop(jit_compile):
+  """(model, optimizer, initial state, loop); both models start alike."""
+  if jit_compile not in _LOOPS:
+    model, optimizer = _model()
+    if _LOOPS:  # The same parameters as the other one's.
+      _restore_state(model, optimizer, next(iter(_LOOPS.values()))[2])
+    _LOOPS[jit_compile] = (
+        model, optimizer, _state(model, optimizer),
+        train.make_train_loop(model, optimizer, tf.distribute.get_strategy(),
+                              jit_compile))
+  model, optimizer, initial, train_loop = _LOOPS[jit_compile]
+  _restore_state(model, optimizer, initial)
+  return model, optimizer, initial, train_loop
+
+
 class LoopTest(parameterized.TestCase):
 
   @parameterized.named_parameters(("plain", False), ("xla", True))
   def test_k_steps_in_one_call_equal_k_calls_of_one_step(self, jit_compile):
     k = 5
-    strategy = tf.distribute.get_strategy()
-    model, optimizer = _model()
-    initial = _state(model, optimizer)
-    train_loop = train.make_train_loop(model, optimizer, strategy, jit_compile)
+    model, optimizer, initial, train_loop = _shared_loop(jit_compile)
     out = train_loop(iter(_batches(k)), tf.constant(k))
     self.assertEqual(int(out["steps"]), k)
     self.assertTrue(bool(out["finite"]))
@@ -87,12 +104,10 @@ class LoopTest(parameterized.TestCase):
 
   @pytest.mark.slow
   def test_xla_loop_trains_like_the_plain_loop(self):
-    strategy = tf.distribute.get_strategy()
-    model_a, optimizer_a = _model()
-    model_b, optimizer_b = _model()
-    _copy(model_a, model_b)
-    plain = train.make_train_loop(model_a, optimizer_a, strategy, False)
-    xla = train.make_train_loop(model_b, optimizer_b, strategy, True)
+    model_a, _, initial, plain = _shared_loop(False)
+    model_b, _, initial_b, xla = _shared_loop(True)
+    for x, y in zip(initial, initial_b):  # The same start.
+      np.testing.assert_array_equal(x, y)
     a = plain(iter(_batches(8).repeat()), tf.constant(8))
     b = xla(iter(_batches(8).repeat()), tf.constant(8))
     # Loss falls, and XLA's rounding stays within float32 noise of TF's.
@@ -106,10 +121,7 @@ class LoopTest(parameterized.TestCase):
   @parameterized.named_parameters(("plain", False), ("xla", True))
   @pytest.mark.nonfinite
   def test_non_finite_loss_stops_the_loop_before_its_update(self, jit_compile):
-    strategy = tf.distribute.get_strategy()
-    model, optimizer = _model()
-    initial = _state(model, optimizer)
-    train_loop = train.make_train_loop(model, optimizer, strategy, jit_compile)
+    model, optimizer, initial, train_loop = _shared_loop(jit_compile)
     iterator = iter(_batches(6, nan_at=2))
     out = train_loop(iterator, tf.constant(6))
     # Steps 1 and 2 trained, step 3 was not finite: the loop stopped there.
@@ -179,10 +191,7 @@ class LoopTest(parameterized.TestCase):
 
   @pytest.mark.nonfinite
   def test_a_nan_at_step_k_leaves_the_state_of_step_k_minus_1(self):
-    strategy = tf.distribute.get_strategy()
-    model, optimizer = _model()
-    initial = _state(model, optimizer)
-    train_loop = train.make_train_loop(model, optimizer, strategy, False)
+    model, optimizer, initial, train_loop = _shared_loop(False)
     k = 4
     out = train_loop(iter(_batches(6, nan_at=k - 1)), tf.constant(6))
     self.assertEqual(int(out["steps"]), k)
@@ -197,11 +206,9 @@ class LoopTest(parameterized.TestCase):
   def test_two_replicas_loop_matches_one(self):
     self.assertLen(tf.config.list_logical_devices("CPU"), 2)
     replicator = distribute.make_strategy("replicator")
-    model_a, optimizer_a = _model()
+    model_a, _, _, one = _shared_loop(False)
     model_b, optimizer_b = _model(replicator)
     _copy(model_a, model_b)
-    one = train.make_train_loop(model_a, optimizer_a,
-                                tf.distribute.get_strategy(), False)
     two = train.make_train_loop(model_b, optimizer_b, replicator, False)
     one(iter(_batches(3)), tf.constant(3))
     out = two(iter(replicator.experimental_distribute_dataset(_batches(3))),
