@@ -3,7 +3,8 @@
 No accelerator is available here: each case builds the files a host would
 have (an NPU's /dev/accel/ directory, VFIO, a TPU VM's /dev/accel0 or PCI ids)
 in a temporary directory and passes the environment a runtime would set, and
-TPU initialisation is a fake that records its argument or fails.
+TPU initialisation is a fake that records its argument or fails. (Workers
+that restored different steps: tests/train_cli_test.py's two workers.)
 """
 
 import importlib.util
@@ -300,58 +301,6 @@ class RealTpuInitTest(absltest.TestCase):
     self.assertIn("TPU ERROR strategy='tpu': could not initialise the TPU "
                   "'local' (TPU_NAME=local)", run.stdout)
     self.assertIn("plain `tensorflow` has no TPU kernels", run.stdout)
-
-
-# One worker of a 2-worker cluster: checks, in turn, each step of argv[1:] as
-# the one it restored (pretends).
-_WORKER = """
-import sys
-from sonnet_vqvae import distribute
-strategy = distribute.make_strategy("multi_worker")
-for step in sys.argv[1:]:
-  try:
-    distribute.check_same_step(int(step), strategy)
-  except RuntimeError as e:
-    print("FAILED:", e)
-  else:
-    print("SAME STEP")
-"""
-
-
-def _free_port():
-  import socket  # pylint: disable=g-import-not-at-top
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-@pytest.mark.slow
-class SameStepTest(absltest.TestCase):
-
-  def _workers(self, steps):
-    """(log, exit code) of each worker; worker i checks steps[j][i], j = 0..."""
-    cluster = {"worker": [f"127.0.0.1:{_free_port()}" for _ in steps[0]]}
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=os.path.dirname(os.path.dirname(
-                   os.path.abspath(__file__))))
-    workers = [subprocess.Popen(
-        [sys.executable, "-c", _WORKER, *(str(s[i]) for s in steps)],
-        env=dict(env, TF_CONFIG=json.dumps(
-            {"cluster": cluster, "task": {"type": "worker", "index": i}})),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for i in range(len(steps[0]))]
-    return [(w.communicate(timeout=180)[0], w.returncode) for w in workers]
-
-  def test_workers_that_restored_different_steps_both_fail_clearly(self):
-    # One cluster for both checks (each worker start costs seconds): the
-    # steps differ, then agree.
-    for log, code in self._workers([[3, 0], [3, 3]]):
-      self.assertEqual(code, 0, log[-2000:])
-      failed, same = [line for line in log.splitlines()
-                      if line.startswith(("FAILED:", "SAME STEP"))]
-      self.assertIn("The workers restored different steps [3, 0]", failed)
-      self.assertIn("shared filesystem", failed)
-      self.assertEqual(same, "SAME STEP")
 
 
 if __name__ == "__main__":

@@ -29,12 +29,14 @@ with tfds.testing.mock_data(num_examples=16):
   runpy.run_module("sonnet_vqvae.train", run_name="__main__")
 """
 
-# One worker of a cluster: trains, then saves every model variable.
+# One worker of a cluster: trains, then saves every model variable; then
+# checks argv[3] as the step it restored (pretends: the workers' differ).
 _WORKER = """
 import sys
 from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
+from sonnet_vqvae import distribute
 from sonnet_vqvae import train
 import tiny
 config = tiny.vqvae_config(num_steps=3, log_every=1, checkpoint_every=3,
@@ -43,6 +45,11 @@ logging.set_verbosity(logging.INFO)
 with tfds.testing.mock_data(num_examples=16):
   model = train.train(config, sys.argv[1])
 np.savez(sys.argv[2], *[v.numpy() for v in model.variables])
+try:
+  distribute.check_same_step(int(sys.argv[3]),
+                             distribute.make_strategy("multi_worker"))
+except RuntimeError as e:
+  print("FAILED:", e)
 """
 
 _TINY = tiny.cli_flags(tiny.vqvae_config())
@@ -162,13 +169,14 @@ class TrainCliTest(absltest.TestCase):
                      "preset's name, e.g. --config=vqvae2, or the path of a "
                      "config file.")
 
-  def test_two_workers_train_identical_models(self):
+  def test_two_workers_train_identical_models_on_the_same_step(self):
     ports = [_free_port(), _free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     outputs = [os.path.join(self.workdir, f"worker{i}.npz") for i in (0, 1)]
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER, self.workdir, outputs[i]],
+            [sys.executable, "-c", _WORKER, self.workdir, outputs[i],
+             str([3, 0][i])],
             env=_env(TF_CONFIG=json.dumps(
                 {"cluster": cluster, "task": {"type": "worker", "index": i}})),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -177,6 +185,11 @@ class TrainCliTest(absltest.TestCase):
       log = worker.communicate(timeout=240)[0]
       self.assertEqual(worker.returncode, 0, log[-3000:])
       self.assertIn("on 2 replica(s)", log)
+      # Workers that restored different steps both fail clearly (the same
+      # step passed the same check at the start of training).
+      (failed,) = [l for l in log.splitlines() if l.startswith("FAILED:")]
+      self.assertIn("The workers restored different steps [3, 0]", failed)
+      self.assertIn("shared filesystem", failed)
     zero, one = np.load(outputs[0]), np.load(outputs[1])
     self.assertLen(zero.files, len(one.files))
     for key in zero.files:
