@@ -170,13 +170,31 @@ def _built(strategy, levels=(16, 32)):
   return model, optimizer
 
 
+# The one-device model and loop, traced once for the tests below (a trace
+# costs seconds); a test starts from the saved initial state.
+_ONE_DEVICE = []
+
+
+def _one_device_loop():
+  """(model, loop) on the default strategy, at `_built`'s initial state."""
+  if not _ONE_DEVICE:
+    strategy = tf.distribute.get_strategy()
+    model, optimizer = _built(strategy)
+    _ONE_DEVICE.extend([
+        model, optimizer,
+        [v.numpy() for v in model.variables + optimizer.variables],
+        train.make_train_loop(model, optimizer, strategy, False)])
+  model, optimizer, initial, train_loop = _ONE_DEVICE
+  for variable, value in zip(model.variables + optimizer.variables, initial):
+    variable.assign(value)
+  return model, train_loop
+
+
 class TrainingTest(absltest.TestCase):
 
   @pytest.mark.slow
   def test_trains_in_the_compiled_loop(self):
-    strategy = tf.distribute.get_strategy()
-    model, optimizer = _built(strategy)
-    train_loop = train.make_train_loop(model, optimizer, strategy, False)
+    _, train_loop = _one_device_loop()
     # Smooth images (4x4 blocks of noise, upsampled) a tiny model can learn.
     images = tf.image.resize(_images(4, 4), [32, 32])
     iterator = iter(tf.data.Dataset.from_tensors(images).repeat())
@@ -188,15 +206,13 @@ class TrainingTest(absltest.TestCase):
   def test_two_replicas_hold_one_codebook_per_level_and_match_one(self):
     self.assertLen(tf.config.list_logical_devices("CPU"), 2)
     replicator = distribute.make_strategy("replicator")
-    one_device = tf.distribute.get_strategy()
-    model_a, optimizer_a = _built(one_device)
+    model_a, one_device_loop = _one_device_loop()
     model_b, optimizer_b = _built(replicator)
     for a, b in zip(model_a.variables, model_b.variables):
       b.assign(a)
     batches = tf.data.Dataset.from_tensor_slices(
         tf.stack([_images(4, 32, seed=s) for s in range(3)]))
-    train.make_train_loop(model_a, optimizer_a, one_device, False)(
-        iter(batches), tf.constant(3))
+    one_device_loop(iter(batches), tf.constant(3))
     train.make_train_loop(model_b, optimizer_b, replicator, False)(
         iter(replicator.experimental_distribute_dataset(batches)),
         tf.constant(3))
