@@ -81,6 +81,30 @@ def _trained_copy():
   return copy
 
 
+# A tiny prior (2 steps) on a copy of _TRAINED, trained once per module.
+_TRAINED_PRIOR = []
+
+
+def _trained_prior_copy():
+  """(vqvae_dir, prior_dir): fresh copies of a run and a prior trained on it.
+
+  The prior's run.json names the VQ-VAE workdir it was trained on, not the
+  copy: pass the copy where the prior's VQ-VAE is read (as after a move).
+  """
+  if not _TRAINED_PRIOR:
+    vqvae_dir, prior_dir = _trained_copy(), tempfile.mkdtemp()
+    with tfds.testing.mock_data(num_examples=16):
+      prior.train_prior(tiny.prior_config(num_steps=2, log_every=2,
+                                          checkpoint_every=2), vqvae_dir,
+                        prior_dir)
+    _TRAINED_PRIOR.extend([vqvae_dir, prior_dir])
+  base = tempfile.mkdtemp()
+  copies = os.path.join(base, "vqvae"), os.path.join(base, "prior")
+  for source, copy in zip(_TRAINED_PRIOR, copies):
+    shutil.copytree(source, copy)
+  return copies
+
+
 def _snapshot(directory):
   """{path: bytes} of every file under `directory`."""
   contents = {}
@@ -131,13 +155,8 @@ class ReaderTest(absltest.TestCase):
 
   @pytest.mark.slow
   def test_readers_work_on_a_read_only_workdir_and_change_nothing(self):
-    base = tempfile.mkdtemp()
-    vqvae_dir, prior_dir = (os.path.join(base, n) for n in ("vqvae", "prior"))
-    shutil.copytree(_trained_copy(), vqvae_dir)
-    with tfds.testing.mock_data(num_examples=16):
-      prior.train_prior(tiny.prior_config(num_steps=2, log_every=2,
-                                          checkpoint_every=2), vqvae_dir,
-                        prior_dir)
+    vqvae_dir, prior_dir = _trained_prior_copy()
+    base = os.path.dirname(vqvae_dir)
     for workdir in (vqvae_dir, prior_dir):
       # What a writer would repair: no index, a killed save's directory.
       os.remove(os.path.join(workdir, "checkpoints", "checkpoint"))
@@ -148,7 +167,8 @@ class ReaderTest(absltest.TestCase):
     self.assertGreater(int(model.quantizer.embeddings.shape[0]), 0)
     output = tempfile.mkdtemp()
     export.export_saved_model(vqvae_dir, os.path.join(output, "vqvae"))
-    export.export_saved_model(prior_dir, os.path.join(output, "prior"))
+    export.export_saved_model(prior_dir, os.path.join(output, "prior"),
+                              vqvae_workdir=vqvae_dir)
     prior.restore_prior(prior_dir)
     self.assertEqual(rundir_test._state(base), before)
 
@@ -326,11 +346,9 @@ class PriorProvenanceTest(absltest.TestCase):
 
   @pytest.mark.slow
   def test_sampling_with_another_vqvae_is_an_error(self):
-    vqvae_a = _trained_copy()  # Seed 0, 4 steps.
-    vqvae_b, prior_dir = tempfile.mkdtemp(), tempfile.mkdtemp()
-    with tfds.testing.mock_data(num_examples=16):
-      train.train(tiny.vqvae_config(seed=1), vqvae_b)
-      prior.train_prior(tiny.prior_config(num_steps=2), vqvae_a, prior_dir)
+    vqvae_a, prior_dir = _trained_prior_copy()  # Seed 0, 4 steps.
+    vqvae_b = tempfile.mkdtemp()
+    _train_only(tiny.vqvae_config(seed=1), vqvae_b)
     config = tiny.prior_config(num_samples=2)
     before = _snapshot(prior_dir)
     with self.assertRaisesRegex(rundir.FingerprintMismatch, "another VQ-VAE"):
