@@ -32,7 +32,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # its runtime (no threads to lose in the fork).
 _RUNNER = """
 import json, os, runpy, sys, traceback
-import matplotlib.pyplot, ml_collections, sonnet, tensorflow_datasets as tfds
+import matplotlib.figure, ml_collections, sonnet, tensorflow_datasets as tfds
 import sonnet_vqvae
 
 def run(option, target, args):
