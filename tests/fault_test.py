@@ -13,8 +13,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from unittest import mock
@@ -34,15 +32,7 @@ from sonnet_vqvae import rundir
 from sonnet_vqvae import train
 import rundir_test
 import tiny
-
-# The real CLI on tfds mock data.
-_CLI = """
-import runpy, sys
-import tensorflow_datasets as tfds
-sys.argv[0] = "sonnet_vqvae.train"
-with tfds.testing.mock_data(num_examples=16):
-  runpy.run_module("sonnet_vqvae.train", run_name="__main__")
-"""
+import warm_cli
 
 
 def _env():
@@ -371,16 +361,20 @@ class _Stopped(Exception):
 
 @pytest.mark.slow
 class ProcessFaultTest(absltest.TestCase):
-  """Kills and concurrent starts of the real CLI."""
+  """Kills and concurrent starts of the real CLI (processes from warm_cli)."""
 
   def setUp(self):
     super().setUp()
     self.workdir = tempfile.mkdtemp()
 
-  def _command(self, **overrides):
-    config = tiny.vqvae_config(**overrides)
-    return [sys.executable, "-c", _CLI, f"--workdir={self.workdir}",
-            *tiny.cli_flags(config)]
+  def _start(self, **overrides):
+    """`train` on this test's workdir: a process of its own (warm_cli)."""
+    process = warm_cli.start(
+        "sonnet_vqvae.train",
+        [f"--workdir={self.workdir}",
+         *tiny.cli_flags(tiny.vqvae_config(**overrides))], env=_env())
+    self.addCleanup(process.kill)
+    return process
 
   def test_second_process_on_a_workdir_fails_at_once(self):
     """A second `train` fails at once while a trainer holds the workdir.
@@ -397,9 +391,8 @@ class ProcessFaultTest(absltest.TestCase):
       step = restore(*args, **kwargs)
       self.assertTrue(_held_by_another(self.workdir))
       start = time.time()
-      second.append(subprocess.run(self._command(num_steps=100_000),
-                                   env=_env(), capture_output=True,
-                                   text=True, timeout=120))
+      second.append(self._start(num_steps=100_000))
+      second[0].wait(timeout=120)
       second.append(time.time() - start)
       raise _Stopped(step)
 
@@ -416,22 +409,16 @@ class ProcessFaultTest(absltest.TestCase):
 
   def test_sigterm_saves_its_step_and_the_run_resumes_there(self):
     """SIGTERM loses no step: the current loop call ends in a checkpoint."""
-    process = subprocess.Popen(
-        self._command(num_steps=100_000, checkpoint_every=100_000,
-                      log_every=2, jit_compile=False),
-        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True)
-    try:
-      deadline = time.time() + 180
-      while len(_rows(self.workdir)) < 2 and time.time() < deadline:
-        self.assertIsNone(process.poll(), "the run ended early")
-        time.sleep(0.1)
-      logged = _rows(self.workdir)[-1]["step"]
-      process.send_signal(signal.SIGTERM)
-      _, stderr = process.communicate(timeout=120)
-    finally:
-      process.kill()
-      process.wait()
+    process = self._start(num_steps=100_000, checkpoint_every=100_000,
+                          log_every=2, jit_compile=False)
+    deadline = time.time() + 180
+    while len(_rows(self.workdir)) < 2 and time.time() < deadline:
+      self.assertIsNone(process.poll(), "the run ended early")
+      time.sleep(0.1)
+    logged = _rows(self.workdir)[-1]["step"]
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    stderr = process.stderr
     self.assertEqual(process.returncode, 128 + signal.SIGTERM, stderr[-3000:])
     last = stderr.strip().splitlines()[-1]
     stopped = re.fullmatch(
@@ -459,18 +446,14 @@ class ProcessFaultTest(absltest.TestCase):
     start of the same command resumes from the newest checkpoint, and the
     last one runs to the end.
     """
-    command = self._command(num_steps=60, checkpoint_every=5, log_every=3,
-                            max_checkpoints_to_keep=1000)
+    flags = dict(num_steps=60, checkpoint_every=5, log_every=3,
+                 max_checkpoints_to_keep=1000)
     checkpoints = os.path.join(self.workdir, "checkpoints")
     rng = random.Random(0)
     kept = {}
     for moment in ("save", "random", "evaluation", "end"):
       start_step = _latest_step(self.workdir) or 0
-      log = tempfile.TemporaryFile("w+")
-      process = subprocess.Popen(command, env=_env(),
-                                 stdout=subprocess.DEVNULL, stderr=log)
-      self.addCleanup(process.wait)
-      self.addCleanup(process.kill)
+      process = self._start(**flags)  # The same command each time.
       if moment == "evaluation":
         # After the last checkpoint, before eval.json.
         while (_latest_step(self.workdir) != 60 and process.poll() is None):
@@ -498,8 +481,7 @@ class ProcessFaultTest(absltest.TestCase):
       if moment != "end":
         process.send_signal(signal.SIGKILL)
       process.wait(timeout=300)
-      log.seek(0)
-      stderr = log.read()
+      stderr = process.stderr
       # Every moment comes after the start of training.
       self.assertIn(f"Training from step {start_step} to 60", stderr)
       kept.update(_checkpoint_files(self.workdir))

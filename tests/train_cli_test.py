@@ -1,7 +1,8 @@
 """Process-level tests of sonnet_vqvae.train: CLI, presets, resume, workers.
 
-Each test starts fresh Python processes, which read tfds mock data (kills
-and resumes of the CLI are tests/fault_test.py's).
+Each test starts Python processes (the CLI's from warm_cli, the workers
+fresh), which read tfds mock data (kills and resumes of the CLI are
+tests/fault_test.py's).
 """
 
 import json
@@ -19,15 +20,7 @@ import tensorflow_datasets as tfds
 
 from sonnet_vqvae import train
 import tiny
-
-# Runs the real CLI (flags, config overrides) on tfds mock data.
-_CLI = """
-import runpy, sys
-import tensorflow_datasets as tfds
-sys.argv[0] = "sonnet_vqvae.train"
-with tfds.testing.mock_data(num_examples=16):
-  runpy.run_module("sonnet_vqvae.train", run_name="__main__")
-"""
+import warm_cli
 
 # One worker of a cluster: trains, then saves every model variable; then
 # checks argv[3] as the step it restored (pretends: the workers' differ).
@@ -91,8 +84,10 @@ class TrainCliTest(absltest.TestCase):
     self.workdir = tempfile.mkdtemp()
 
   def _cli(self, *args):
-    return [sys.executable, "-c", _CLI, f"--workdir={self.workdir}", *_TINY,
-            *args]
+    """The CLI on the tiny config, run to its exit (a process of warm_cli)."""
+    return warm_cli.run("sonnet_vqvae.train",
+                        [f"--workdir={self.workdir}", *_TINY, *args],
+                        env=_env())
 
   def test_evaluate_mode_and_unknown_override(self):
     # A run to evaluate, trained here: a CLI training is the other tests'.
@@ -105,29 +100,25 @@ class TrainCliTest(absltest.TestCase):
     self.addCleanup(holder.wait)
     self.addCleanup(holder.kill)
     self.assertEqual(holder.stdout.readline().strip(), "locked")
-    refused = subprocess.run(self._cli("--mode=evaluate"), env=_env(),
-                             capture_output=True, text=True, timeout=300)
+    refused = self._cli("--mode=evaluate")
     self.assertNotEqual(refused.returncode, 0)
     self.assertIn("in use by another process", refused.stderr)
     self.assertFalse(os.path.exists(os.path.join(self.workdir, "eval.json")))
     holder.kill()
     holder.wait()
-    evaluate = subprocess.run(self._cli("--mode=evaluate"), env=_env(),
-                              capture_output=True, text=True, timeout=300)
+    evaluate = self._cli("--mode=evaluate")
     self.assertEqual(evaluate.returncode, 0, evaluate.stderr[-3000:])
     with open(os.path.join(self.workdir, "eval.json")) as f:
       self.assertIn("nmse", json.load(f))
 
-    typo = subprocess.run(self._cli("--config.num_step=2"), env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    typo = self._cli("--config.num_step=2")
     self.assertNotEqual(typo.returncode, 0)
     # One line naming the key and the nearest valid one, no traceback.
     self.assertIn("Unknown config key 'num_step': did you mean num_steps?",
                   typo.stderr)
     self.assertNotIn("Traceback", typo.stderr)
 
-    bad = subprocess.run(self._cli("--config.jit_compile=fast"), env=_env(),
-                         capture_output=True, text=True, timeout=300)
+    bad = self._cli("--config.jit_compile=fast")
     self.assertNotEqual(bad.returncode, 0)
     self.assertIn("train: config.jit_compile must be True, False or 'auto', "
                   "got 'fast'.", bad.stderr)
@@ -137,10 +128,9 @@ class TrainCliTest(absltest.TestCase):
     elsewhere = tempfile.mkdtemp()  # Not the repository root.
 
     def run(*args):
-      return subprocess.run(
-          [sys.executable, "-c", _CLI, f"--workdir={self.workdir}", *args],
-          env=_env(), cwd=elsewhere, capture_output=True, text=True,
-          timeout=300)
+      return warm_cli.run("sonnet_vqvae.train",
+                          [f"--workdir={self.workdir}", *args], env=_env(),
+                          cwd=elsewhere)
 
     first = run("--config=default", *_TINY, "--config.num_steps=2")
     self.assertEqual(first.returncode, 0, first.stderr[-3000:])
