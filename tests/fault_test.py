@@ -370,8 +370,7 @@ class ProcessFaultTest(absltest.TestCase):
   def _start(self, **overrides):
     """`train` on this test's workdir: a process of its own (warm_cli)."""
     process = warm_cli.start(
-        "sonnet_vqvae.train",
-        [f"--workdir={self.workdir}",
+        ["-m", "sonnet_vqvae.train", f"--workdir={self.workdir}",
          *tiny.cli_flags(tiny.vqvae_config(**overrides))], env=_env())
     self.addCleanup(process.kill)
     return process

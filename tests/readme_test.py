@@ -1,19 +1,17 @@
 """Every command and snippet in README.md runs.
 
 The README's Python blocks run as written. Its `python -m sonnet_vqvae.*`
-commands run in order, each in a fresh process (forked from one that has
-imported TF) as `python -m` runs it, on tfds mock data, with the tiny configs
-of `tests/tiny.py` added (a README `--config.key` the tiny config also sets is
-replaced) and its /tmp paths moved into a temporary directory. Its install and
+commands run in order, each in a process of its own (forked from one that
+has imported TF: tests/warm_cli.py) as `python -m` runs it, on tfds mock
+data, with the tiny configs of `tests/tiny.py` added (a README `--config.key`
+the tiny config also sets is replaced) and its /tmp paths moved into a
+temporary directory. Its install and
 test commands must be the ones CI (`.ci/run`) runs.
 """
 
-import json
 import os
 import re
 import shlex
-import subprocess
-import sys
 import tempfile
 from typing import List
 
@@ -21,55 +19,9 @@ from absl.testing import absltest
 import pytest
 
 import tiny
+import warm_cli
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# Runs commands (a JSON list of [log file, "-m" module or "-c" code, args...]
-# on argv[1]) in order, each as `python -m module args` or `python -c code
-# args` would, on tfds mock data, until one fails; prints the exit status of
-# each command run. Each runs in a child forked after the imports they all
-# need (~5 s of CPU each, about half of a tiny command's) and before TF starts
-# its runtime (no threads to lose in the fork).
-_RUNNER = """
-import json, os, runpy, sys, traceback
-import matplotlib.figure, ml_collections, sonnet, tensorflow_datasets as tfds
-import sonnet_vqvae
-
-def run(option, target, args):
-  try:
-    with tfds.testing.mock_data(num_examples=16):
-      if option == "-m":
-        sys.argv = [target] + args
-        runpy.run_module(target, run_name="__main__", alter_sys=True)
-      else:
-        sys.argv = ["-c"] + args
-        exec(target, {"__name__": "__main__"})
-  except SystemExit as e:
-    if e.code is None or isinstance(e.code, int):
-      return e.code or 0
-    print(e.code, file=sys.stderr)
-  except BaseException:
-    traceback.print_exc()
-  else:
-    return 0
-  return 1
-
-codes = []
-for log, option, target, *args in json.loads(sys.argv[1]):
-  pid = os.fork()
-  if not pid:
-    with open(log, "w") as f:
-      os.dup2(f.fileno(), 1)
-      os.dup2(f.fileno(), 2)
-    code = run(option, target, args)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-  codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-  if codes[-1]:
-    break
-print(json.dumps(codes))
-"""
 
 # Calls the signatures of the export at argv[1], as a user's process does
 # (grappler optimizes them there: tests/remapper_test.py).
@@ -172,24 +124,17 @@ class ReadmeTest(absltest.TestCase):
     env["PYTHONPATH"] = os.pathsep.join(
         [_ROOT, tests, env.get("PYTHONPATH", "")])
     with tempfile.TemporaryDirectory() as tmp:
-      runs = [[os.path.join(tmp, f"{i}.log"), "-m"] +
-              _with_tiny_flags(argv, tmp) for i, argv in enumerate(commands)]
-      runs.append([os.path.join(tmp, "call_export.log"), "-c", _CALL_EXPORT,
-                   os.path.join(tmp, "prior_export")])
-      result = subprocess.run(
-          [sys.executable, "-c", _RUNNER, json.dumps(runs)], cwd=_ROOT,
-          env=env, capture_output=True, text=True, timeout=600, check=False)
-      self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-      codes = json.loads(result.stdout.splitlines()[-1])
-      for (log, *args), code in zip(runs, codes):
-        with open(log) as f:
-          output = f.read()
-        self.assertEqual(code, 0, f"{' '.join(args)}\n{output[-3000:]}")
+      runs = [["-m", *_with_tiny_flags(argv, tmp)] for argv in commands]
+      runs.append(["-c", _CALL_EXPORT, os.path.join(tmp, "prior_export")])
+      for argv in runs:  # In order: each reads what the ones before wrote.
+        process = warm_cli.run(argv, env, cwd=_ROOT, timeout=600)
+        output = process.stdout + process.stderr
+        self.assertEqual(process.returncode, 0,
+                         f"{' '.join(argv)}\n{output[-3000:]}")
         # With oneDNN, grappler's remapper failed on our residual stacks
         # (tests/remapper_test.py): in no program, nor in an export's calls.
         self.assertEmpty([line for line in output.splitlines()
-                          if "remapper failed" in line], " ".join(args))
-      self.assertLen(codes, len(runs))
+                          if "remapper failed" in line], " ".join(argv))
       self.assertTrue(os.path.exists(
           os.path.join(tmp, "prior", "prior_samples.png")))
       self.assertTrue(os.path.exists(

@@ -85,8 +85,8 @@ class TrainCliTest(absltest.TestCase):
 
   def _cli(self, *args):
     """The CLI on the tiny config, run to its exit (a process of warm_cli)."""
-    return warm_cli.run("sonnet_vqvae.train",
-                        [f"--workdir={self.workdir}", *_TINY, *args],
+    return warm_cli.run(["-m", "sonnet_vqvae.train",
+                         f"--workdir={self.workdir}", *_TINY, *args],
                         env=_env())
 
   def test_evaluate_mode_and_unknown_override(self):
@@ -128,8 +128,8 @@ class TrainCliTest(absltest.TestCase):
     elsewhere = tempfile.mkdtemp()  # Not the repository root.
 
     def run(*args):
-      return warm_cli.run("sonnet_vqvae.train",
-                          [f"--workdir={self.workdir}", *args], env=_env(),
+      return warm_cli.run(["-m", "sonnet_vqvae.train",
+                           f"--workdir={self.workdir}", *args], env=_env(),
                           cwd=elsewhere)
 
     first = run("--config=default", *_TINY, "--config.num_steps=2")

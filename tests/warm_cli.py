@@ -4,8 +4,8 @@ Importing TensorFlow is ~5 CPU-seconds of every fresh CLI process, most of a
 tiny run's cost. A process test starts its CLI runs here instead: each is a
 process of its own (its pid, its signals, its locks, its exit status), forked
 from a "zygote" that has imported sonnet_vqvae.train and nothing else (no
-TensorFlow runtime, no op run yet), then runs the module as `python -m` would,
-on tfds mock data. Tests of what a fresh interpreter prints at start-up keep
+TensorFlow runtime, no op run yet), then runs `python -m module args` or
+`python -c code args` as the interpreter would, on tfds mock data. Tests of what a fresh interpreter prints at start-up keep
 starting real ones.
 """
 
@@ -20,9 +20,10 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
-# The zygote: imports, then forks one child per request line {module, args,
-# cwd, env, stdout, stderr}, answering with the child's pid; a child's exit
-# status goes to the file <status_dir>/<pid>.
+# The zygote: imports, then forks one child per request line {argv, cwd, env,
+# stdout, stderr} (argv: ["-m", module, *args] or ["-c", code, *args]),
+# answering with the child's pid; a child's exit status goes to the file
+# <status_dir>/<pid>.
 _ZYGOTE = """
 import json, os, runpy, signal, sys, traceback
 import tensorflow_datasets as tfds
@@ -61,11 +62,17 @@ for line in sys.stdin:
     opened = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
     os.dup2(opened, fd)
     os.close(opened)
-  sys.argv = [request["module"], *request["args"]]  # As tests' _CLI.
-  # As the interpreter ends a program: SystemExit's code, a traceback.
+  option, target, *args = request["argv"]
+  # As the interpreter runs a program and ends it: SystemExit's code or a
+  # traceback.
   try:
     with tfds.testing.mock_data(num_examples=16):
-      runpy.run_module(request["module"], run_name="__main__")
+      if option == "-m":
+        sys.argv = [target, *args]
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+      else:
+        sys.argv = ["-c", *args]
+        exec(compile(target, "<string>", "exec"), {"__name__": "__main__"})
     code = 0
   except SystemExit as e:
     if e.code is None:
@@ -141,13 +148,13 @@ class _Zygote:
     self.children: List[Process] = []
     self.count = 0
 
-  def start(self, module, args, env, cwd) -> Process:
+  def start(self, argv, env, cwd) -> Process:
     self.count += 1
     stdout, stderr = (os.path.join(self.directory, f"{self.count}.{name}")
                       for name in ("out", "err"))
     self.process.stdin.write(json.dumps(dict(
-        module=module, args=list(args), env=env, cwd=cwd, stdout=stdout,
-        stderr=stderr)) + "\n")
+        argv=list(argv), env=env, cwd=cwd, stdout=stdout, stderr=stderr))
+                             + "\n")
     self.process.stdin.flush()
     line = self.process.stdout.readline()
     if not line:
@@ -171,22 +178,24 @@ class _Zygote:
 _ZYGOTES: Dict[str, _Zygote] = {}
 
 
-def start(module: str, args: List[str], env: Dict[str, str],
+def start(argv: List[str], env: Dict[str, str],
           cwd: Optional[str] = None) -> Process:
-  """Starts `python -m module *args` (on tfds mock data) from the zygote.
+  """Starts `python *argv` (on tfds mock data) from the zygote.
+
+  argv: ["-m", module, *args] or ["-c", code, *args].
 
   One zygote per environment at start (what TensorFlow reads at import).
   """
   key = json.dumps(sorted(env.items()))
   if key not in _ZYGOTES:
     _ZYGOTES[key] = _Zygote(env)
-  return _ZYGOTES[key].start(module, args, env, cwd or os.getcwd())
+  return _ZYGOTES[key].start(argv, env, cwd or os.getcwd())
 
 
-def run(module: str, args: List[str], env: Dict[str, str],
-        cwd: Optional[str] = None, timeout: float = 300) -> Process:
+def run(argv: List[str], env: Dict[str, str], cwd: Optional[str] = None,
+        timeout: float = 300) -> Process:
   """`start`, then waits for the exit: .returncode, .stdout, .stderr."""
-  process = start(module, args, env, cwd)
+  process = start(argv, env, cwd)
   process.wait(timeout)
   return process
 
