@@ -220,7 +220,7 @@ class EndToEndTest(absltest.TestCase):
       train.train(vqvae_config, vqvae_dir)
       # Batches of the 16 mock images, not the default 256 (padding).
       metrics = prior.train_prior(
-          tiny.prior_config(num_steps=4, encode_batch_size=16), vqvae_dir,
+          tiny.prior_config(num_steps=4), vqvae_dir,
           prior_dir)
     self.assertEqual(metrics["step"], 4)
     self.assertAlmostEqual(metrics["level0_uniform_nats_per_code"],

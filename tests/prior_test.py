@@ -260,7 +260,7 @@ class EndToEndTest(absltest.TestCase):
       train.train(vqvae_config, vqvae_dir)  # The prior needs no evaluation.
       # Batches of the 16 mock images, not the default 256 (padding).
       metrics = prior.train_prior(
-          _tiny_config(num_steps=4, encode_batch_size=16), vqvae_dir,
+          _tiny_config(num_steps=4), vqvae_dir,
           prior_dir)
     self.assertEqual(metrics["step"], 4)
     self.assertAlmostEqual(metrics["uniform_nats_per_code"], math.log(_K))

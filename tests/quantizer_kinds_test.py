@@ -202,10 +202,9 @@ def _train_and_export(kind, base):
   with tfds.testing.mock_data(num_examples=16):
     # No XLA: "auto" would compile both loops for 4 steps.
     metrics = train.train_and_evaluate(config, vqvae_dir)
-    # Encoded in batches of the 16 mock images, not the default 256.
     prior_metrics = prior.train_prior(
         tiny.prior_config(num_steps=2, log_every=1, checkpoint_every=2,
-                          encode_batch_size=16, jit_compile=False),
+                          jit_compile=False),
         vqvae_dir, prior_dir)
   path = export.export_saved_model(prior_dir, os.path.join(base, "export"))
   return {"metrics": metrics, "prior_metrics": prior_metrics,

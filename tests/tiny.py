@@ -32,12 +32,15 @@ def vqvae_config(**overrides) -> config_dict.ConfigDict:
 
 
 def prior_config(**overrides) -> config_dict.ConfigDict:
-  """The prior's config shrunk to seconds of training."""
+  """The prior's config shrunk to seconds of training.
+
+  Codes are encoded in batches of the 16 mock images, not padded to 256.
+  """
   config = prior.get_config()
   config.update(hidden_channels=8, num_layers=2, batch_size=8,
                 learning_rate=1e-2, num_steps=40, log_every=10,
-                checkpoint_every=20, eval_batch_size=16, strategy="default",
-                jit_compile=False)
+                checkpoint_every=20, eval_batch_size=16, encode_batch_size=16,
+                strategy="default", jit_compile=False)
   config.update(overrides)
   return config
 
