@@ -268,16 +268,7 @@ def import_tensorflow_once() -> None:
   """
   if "tensorflow" in sys.modules:
     return
-  seen = set()
-
-  def first_time(line: bytes) -> bool:
-    key = _LOG_PREFIX.sub(b"", line)
-    if key in seen:
-      return False
-    seen.add(key)
-    return True
-
-  with _stderr_lines_kept(first_time):
+  with _stderr_lines_kept(_tf_lines_once(drop_info=False)):
     import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
 
 
@@ -296,23 +287,30 @@ def import_tensorflow_quietly() -> None:
   """
   if "tensorflow" in sys.modules:
     return
-  with _stderr_lines_kept(_warnings_first_time()):
+  with _stderr_lines_kept(_tf_lines_once(drop_info=True)):
     import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
 
 
-def _warnings_first_time() -> Callable[[bytes], bool]:
-  """A line filter: C++ log lines above INFO, each the first time."""
+def _tf_lines_once(drop_info: bool) -> Callable[[bytes], bool]:
+  """A filter of TF's C++ log lines: each the first time it comes.
+
+  Args:
+    drop_info: also drop INFO lines and the pre-absl-init notice; a line
+      without a log prefix then goes with the message before it (a message's
+      second line), else it is a line of its own, kept once.
+  """
   seen = set()
   last_kept = True
 
   def keep(line: bytes) -> bool:
     nonlocal last_kept
-    if line.startswith(_PRE_INIT_NOTICE):
-      return False
-    if not _LOG_PREFIX.match(line):  # A message's second line goes with it.
-      return last_kept
+    if drop_info:
+      if line.startswith(_PRE_INIT_NOTICE):
+        return False
+      if not _LOG_PREFIX.match(line):
+        return last_kept
     key = _LOG_PREFIX.sub(b"", line)
-    last_kept = not line.startswith(b"I") and key not in seen
+    last_kept = key not in seen and not (drop_info and line.startswith(b"I"))
     seen.add(key)
     return last_kept
 

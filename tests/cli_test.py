@@ -250,12 +250,34 @@ def test_a_notebooks_tensorflow_import_keeps_warnings_once(capfd):
       b"second line of the warning\n",
       b"E0000 00:00:1796142509.000000   32038 y.cc:2] an error\n",
   ]
-  with cli._stderr_lines_kept(cli._warnings_first_time()):
+  with cli._stderr_lines_kept(cli._tf_lines_once(drop_info=True)):
     for line in lines:
       os.write(2, line)
   assert capfd.readouterr().err == (
       "W0000 00:00:1796142501.241688   32038 x.cc:1] a warning\n"
       "second line of the warning\n"
+      "E0000 00:00:1796142509.000000   32038 y.cc:2] an error\n")
+
+
+def test_a_programs_tensorflow_import_prints_each_line_once(capfd):
+  # What import_tensorflow_once lets through while TF's libraries load: each
+  # library prints the same start-up lines, whatever their level.
+  lines = [
+      b"WARNING: All log messages before absl::InitializeLog() is called "
+      b"are written to STDERR\n",
+      b"I0000 00:00:1796142501.241688   32038 cudart_stub.cc:31] no cuda\n",
+      b"WARNING: All log messages before absl::InitializeLog() is called "
+      b"are written to STDERR\n",
+      b"I0000 00:00:1796142509.000000   32038 cudart_stub.cc:31] no cuda\n",
+      b"E0000 00:00:1796142509.000000   32038 y.cc:2] an error\n",
+  ]
+  with cli._stderr_lines_kept(cli._tf_lines_once(drop_info=False)):
+    for line in lines:
+      os.write(2, line)
+  assert capfd.readouterr().err == (
+      "WARNING: All log messages before absl::InitializeLog() is called "
+      "are written to STDERR\n"
+      "I0000 00:00:1796142501.241688   32038 cudart_stub.cc:31] no cuda\n"
       "E0000 00:00:1796142509.000000   32038 y.cc:2] an error\n")
 
 
