@@ -8,6 +8,7 @@ Evaluation, encoding and sampling run on the same devices through
 `run_batches`.
 """
 
+import collections
 import functools
 import json
 import os
@@ -348,11 +349,31 @@ def check_variables(strategy: tf.distribute.Strategy,
         "strategy=strategy)), or pass the strategy it was built under.")
 
 
+# The traced functions of `run_batches` calls that named a key, most recent
+# last: a model evaluated again (every validation of a run) runs its first
+# trace. Few, as each holds its model.
+_TRACED: "collections.OrderedDict[Any, Callable]" = collections.OrderedDict()
+_MAX_TRACED = 8
+
+
+def _traced(key: Any, build: Callable[[], Callable]) -> Callable:
+  """`build()`, or the function it built for the same key before."""
+  if key is None:
+    return build()
+  if key not in _TRACED:
+    _TRACED[key] = build()
+    if len(_TRACED) > _MAX_TRACED:
+      _TRACED.popitem(last=False)
+  _TRACED.move_to_end(key)
+  return _TRACED[key]
+
+
 def run_batches(strategy: tf.distribute.Strategy,
                 replica_fn: Callable[[Any, tf.Tensor], Tuple[Any, Any]],
                 batches: tf.data.Dataset,
                 variables: Sequence[tf.Variable] = (),
-                what: str = "The model"
+                what: str = "The model",
+                key: Any = None
                 ) -> Iterator[Tuple[Any, Any, tf.Tensor]]:
   """Runs `replica_fn` on the strategy's devices over fixed-shape batches.
 
@@ -379,6 +400,11 @@ def run_batches(strategy: tf.distribute.Strategy,
     variables: the variables `replica_fn` reads, checked to be `strategy`'s
       (`check_variables`).
     what: names them in that error.
+    key: None, or a hashable that names what `replica_fn` computes, e.g.
+      ("nll", model): calls with the same key and strategy run one traced
+      function, the first such call's `replica_fn` (so the key must hold
+      everything the function reads besides the batch and variables, whose
+      current values it reads). None traces `replica_fn` anew.
 
   Yields:
     Per batch (totals, rows, mask) as tensors: the totals summed over the
@@ -389,7 +415,9 @@ def run_batches(strategy: tf.distribute.Strategy,
     ValueError: as `check_variables`.
   """
   if not _on_replicas(strategy):
-    local = tf.function(replica_fn, autograph=False)
+    local = _traced(
+        None if key is None else (key, strategy, "local"),
+        lambda: tf.function(replica_fn, autograph=False))
     for batch, mask in batches:
       totals, rows = local(batch, mask)
       yield totals, rows, mask
@@ -415,6 +443,18 @@ def run_batches(strategy: tf.distribute.Strategy,
 
     return batches.map(split).unbatch().prefetch(tf.data.AUTOTUNE)
 
+  step = _traced(None if key is None else (key, strategy, "replicas"),
+                 lambda: _replicated_step(strategy, replica_fn))
+  for element in strategy.distribute_datasets_from_function(dataset_fn):
+    totals, (rows, mask) = step(element)
+    yield totals, rows, tf.cast(mask, tf.bool)
+
+
+def _replicated_step(strategy: tf.distribute.Strategy,
+                     replica_fn: Callable[[Any, tf.Tensor], Tuple[Any, Any]]
+                     ) -> Callable:
+  """`run_batches`' traced step: `replica_fn` on every replica, gathered."""
+
   def gathered(batch, mask):
     totals, rows = replica_fn(batch, mask)
     context = tf.distribute.get_replica_context()
@@ -430,6 +470,4 @@ def run_batches(strategy: tf.distribute.Strategy,
     return tf.nest.map_structure(
         lambda v: strategy.experimental_local_results(v)[0], out)
 
-  for element in strategy.distribute_datasets_from_function(dataset_fn):
-    totals, (rows, mask) = step(element)
-    yield totals, rows, tf.cast(mask, tf.bool)
+  return step

@@ -188,7 +188,8 @@ def encode_split(vqvae: snt.Module, split: str, *, batch_size: int,
                                            data_dir=data_dir):
     for _, (grids, batch_labels), mask in distribute.run_batches(
         strategy or tf.distribute.get_strategy(), encode,
-        batches.prefetch(tf.data.AUTOTUNE), vqvae.variables, "The VQ-VAE"):
+        batches.prefetch(tf.data.AUTOTUNE), vqvae.variables, "The VQ-VAE",
+        key=("prior.encode_split", vqvae)):  # Both splits: one trace.
       real = mask.numpy()
       codes.append([c.numpy()[real] for c in grids])
       labels.append(batch_labels.numpy()[real])
@@ -271,7 +272,9 @@ def evaluate(model: Prior, data: Dict[str, Any], batch_size: int,
   totals = sum(np.asarray(totals, np.float64)
                for totals, _, _ in distribute.run_batches(
                    strategy or tf.distribute.get_strategy(), total_nll,
-                   dataset, model.variables, "The prior"))
+                   dataset, model.variables, "The prior",
+                   # Every validation of a run: one trace.
+                   key=("prior.evaluate", model)))
   codes = _levels(data["codes"])
   metrics = _per_level(
       {"nll_nats_per_code": [t / c.size for t, c in zip(totals, codes)],

@@ -524,7 +524,8 @@ def _evaluate(model: networks.VQVAEModel, dataset: tf.data.Dataset,
 
   squared, size, counts, first, tuples = 0., 0, None, None, []
   for c, rows, mask in distribute.run_batches(
-      strategy, replica_stats, dataset, model.variables, "The VQ-VAE"):
+      strategy, replica_stats, dataset, model.variables, "The VQ-VAE",
+      key=("train.evaluate", model)):
     real = mask.numpy()
     squared = np.add(squared, [np.sum(s.numpy()[real], dtype=np.float64)
                                for s in rows["squared"]])

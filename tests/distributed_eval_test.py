@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from sonnet_vqvae import distribute
 from sonnet_vqvae import input_pipeline
 from sonnet_vqvae import networks
 from sonnet_vqvae import pixelcnn
@@ -119,6 +120,45 @@ class DistributedEvaluationTest(absltest.TestCase):
     np.testing.assert_array_equal(draw(), images)
     # Replica 1 draws with its own seed: its first sample is not replica 0's.
     self.assertFalse(np.array_equal(images[0], images[2]))
+
+  def test_calls_with_one_key_run_one_trace_of_current_values(self):
+    batches = input_pipeline.padded_batches(
+        tf.data.Dataset.from_tensor_slices(tf.range(5.)), 3)
+    scale, owner, traces = tf.Variable(1.), object(), []
+
+    def run(strategy, key, name="first"):
+      def times_scale(batch, mask):
+        traces.append(name)  # At trace time only.
+        return tf.reduce_sum(tf.where(mask, batch, 0.)), batch * scale
+      out = list(distribute.run_batches(strategy, times_scale, batches,
+                                        key=key))
+      return (sum(float(totals) for totals, _, _ in out),
+              np.concatenate([rows.numpy()[mask.numpy()]
+                              for _, rows, mask in out]))
+
+    one_device = tf.distribute.get_strategy()
+    np.testing.assert_array_equal(run(one_device, ("k", owner))[1],
+                                  [0, 1, 2, 3, 4])
+    self.assertEqual(traces, ["first"])
+    # The same key: the first call's trace, reading the variable's new value
+    # (this call's function is never traced).
+    scale.assign(2.)
+    total, rows = run(one_device, ("k", owner), name="second")
+    np.testing.assert_array_equal(rows, [0, 2, 4, 6, 8])
+    self.assertEqual((total, traces), (10., ["first"]))
+    # Another key, no key, or another strategy: traced anew.
+    run(one_device, ("k", object()))
+    run(one_device, None)
+    run(one_device, None)
+    self.assertLen(traces, 4)
+    with self.replicator.scope():
+      scale = tf.Variable(3.)
+    total, rows = run(self.replicator, ("k", owner), name="replicas")
+    np.testing.assert_array_equal(rows, [0, 3, 6, 9, 12])
+    self.assertEqual(total, 10.)
+    self.assertEqual(traces[4:], ["replicas"] * 2)  # One trace per replica.
+    run(self.replicator, ("k", owner))
+    self.assertLen(traces, 6)
 
   def test_variables_of_another_strategy_are_an_error(self):
     batches = tf.data.Dataset.from_tensors(tf.zeros([2, 32, 32, 3]))
