@@ -4,8 +4,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
 from absl.testing import absltest
@@ -21,6 +19,7 @@ from sonnet_vqvae import prior
 from sonnet_vqvae import rundir
 from sonnet_vqvae import train
 import tiny
+import warm_cli
 
 _K = 8
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -28,15 +27,18 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 _tiny_config = tiny.prior_config
 
-# The prior's CLI on tfds mock data (it encodes the VQ-VAE's dataset).
-_PRIOR_CLI = """
+# The prior's CLI where reading any dataset fails (warm_cli's children run
+# on tfds mock data, which would answer).
+_WITHOUT_DATA = """
 import runpy, sys
+from unittest import mock
 import tensorflow_datasets as tfds
-sys.argv[0] = "sonnet_vqvae.prior"
-with tfds.testing.mock_data(num_examples=16):
-  runpy.run_module("sonnet_vqvae.prior", run_name="__main__")
+def no_data(*args, **kwargs):
+  raise AssertionError("the prior's CLI read a dataset")
+with mock.patch.object(tfds, "builder", no_data):
+  sys.argv[0] = "sonnet_vqvae.prior"
+  runpy.run_module("sonnet_vqvae.prior", run_name="__main__", alter_sys=True)
 """
-
 
 def _constant_grids(num, seed):
   """Grids repeating one code: only the first code of a grid is uncertain."""
@@ -270,24 +272,26 @@ class EndToEndTest(absltest.TestCase):
     path = prior.sample(config, vqvae_dir, prior_dir)
     self.assertEqual(path, os.path.join(prior_dir, "prior_samples_class2.png"))
     # The command line, from another directory: sampling needs no data, and
-    # the prior's workdir alone (its run.json names the VQ-VAE's).
-    repo = os.path.dirname(os.path.dirname(prior.__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [repo, os.path.join(repo, "tests"), os.environ.get("PYTHONPATH", "")]))
+    # the prior's workdir alone (its run.json names the VQ-VAE's). Processes
+    # of their own, forked from a Python that imported TF (warm_cli).
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(tests), tests, env.get("PYTHONPATH", "")])
     elsewhere = self.enter_context(tempfile.TemporaryDirectory())
-    subprocess.run(
-        [sys.executable, "-m", "sonnet_vqvae.prior", "--mode=sample",
-         "--config=prior", f"--workdir={prior_dir}", "--config.num_samples=3",
-         "--config.sample_label=-1"],
-        check=True, cwd=elsewhere, env=env)
+    sampled = warm_cli.run(
+        ["-c", _WITHOUT_DATA, "--mode=sample", "--config=prior",
+         f"--workdir={prior_dir}", "--config.num_samples=3",
+         "--config.sample_label=-1"], env, cwd=elsewhere)
+    self.assertEqual(sampled.returncode, 0, sampled.stderr[-3000:])
     for name in ("prior_samples_class2.png", "prior_samples.png"):
       with open(os.path.join(prior_dir, name), "rb") as f:
         self.assertEqual(f.read(8), _PNG_MAGIC)
-    # Resuming the training: the stored config, only num_steps given.
-    resumed = subprocess.run(
-        [sys.executable, "-c", _PRIOR_CLI, f"--workdir={prior_dir}",
-         "--config.num_steps=6"],
-        cwd=elsewhere, env=env, capture_output=True, text=True)
+    # Resuming the training (on tfds mock data): the stored config, only
+    # num_steps given.
+    resumed = warm_cli.run(
+        ["-m", "sonnet_vqvae.prior", f"--workdir={prior_dir}",
+         "--config.num_steps=6"], env, cwd=elsewhere)
     self.assertEqual(resumed.returncode, 0, resumed.stderr[-3000:])
     self.assertIn("Training the prior from step 4 to 6", resumed.stderr)
     with open(os.path.join(prior_dir, "eval.json")) as f:
