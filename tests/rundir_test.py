@@ -25,6 +25,7 @@ import tensorflow as tf
 from tensorflow.python.ops import gen_io_ops
 
 from sonnet_vqvae import rundir
+import warm_cli
 
 # Holds a workdir's lock with RunDir until killed.
 _HOLDER = """
@@ -227,13 +228,19 @@ class LockTest(absltest.TestCase):
     super().setUp()
     self.workdir = os.path.join(tempfile.mkdtemp(), "run")
 
-  def _start(self, script):
-    holder = subprocess.Popen(
-        [sys.executable, "-c", script, self.workdir], env=_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  def _start(self, script, warm=False):
+    """A process holding the lock: fresh, or from warm_cli (imports TF)."""
+    if warm:
+      holder = warm_cli.start(["-c", script, self.workdir],
+                              env=warm_cli.environment())
+    else:
+      holder = subprocess.Popen(
+          [sys.executable, "-c", script, self.workdir], env=_env(),
+          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     self.addCleanup(holder.wait)
     self.addCleanup(holder.kill)
-    self.assertEqual(holder.stdout.readline().strip(), "locked")
+    line = holder.readline() if warm else holder.stdout.readline()
+    self.assertEqual(line.strip(), "locked")
     return holder
 
   def _assert_refused_then_taken_after_kill(self, holder):
@@ -264,7 +271,7 @@ class LockTest(absltest.TestCase):
 
   @pytest.mark.slow
   def test_a_rundir_in_another_process_holds_the_lock(self):
-    holder = self._start(_HOLDER)
+    holder = self._start(_HOLDER, warm=True)
     with open(os.path.join(self.workdir, rundir.LOCK_FILE)) as f:
       details = json.load(f)
     self.assertEqual(details["pid"], holder.pid)
@@ -837,26 +844,29 @@ class CheckpointsTest(parameterized.TestCase):
     rng = random.Random(0)
     reader = _tiny_checkpoint(size=1 << 18)
     for round_ in range(2):
-      saver = subprocess.Popen(
-          [sys.executable, "-c", _SAVER, self.dir], env=_env(),
-          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+      # A process of its own, forked from one that imported TF (warm_cli).
+      saver = warm_cli.start(["-c", _SAVER, self.dir],
+                             env=warm_cli.environment())
       self.addCleanup(saver.wait)
       self.addCleanup(saver.kill)
-      restored = saver.stdout.readline().split() or ["exited"]
-      self.assertEqual(restored[0], "restored", "the saver failed")
+      restored = saver.readline().split() or ["exited"]
+      self.assertEqual(restored[0], "restored",
+                       f"the saver failed: {saver.stderr[-3000:]}")
       saved = int(restored[1])
       # A few saves, then a kill at a random moment of the next ones.
       for _ in range(3):
-        line = saver.stdout.readline().split() or ["exited"]
+        line = saver.readline().split() or ["exited"]
         self.assertEqual(line[0], "saved", "the saver failed")
         saved = int(line[1])
       time.sleep(rng.uniform(0, 0.2))
       saver.send_signal(signal.SIGKILL)
       saver.wait()
       # Any lines printed before the kill are saves that completed.
-      for line in saver.stdout.read().split("\n"):
+      line = saver.readline()
+      while line:
         if line.startswith("saved"):
           saved = int(line.split()[1])
+        line = saver.readline()
 
       checkpoints = rundir.Checkpoints(reader, self.dir, max_to_keep=1000)
       step = checkpoints.restore()

@@ -1,7 +1,7 @@
 """Process-level tests of sonnet_vqvae.train: CLI, presets, resume, workers.
 
-Each test starts Python processes (the CLI's from warm_cli, the workers
-fresh), which read tfds mock data (kills and resumes of the CLI are
+Each test starts Python processes (the CLI's and the workers from warm_cli),
+which read tfds mock data (kills and resumes of the CLI are
 tests/fault_test.py's).
 """
 
@@ -16,9 +16,7 @@ from absl.testing import absltest
 import numpy as np
 import pytest
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
-from sonnet_vqvae import train
 import tiny
 import warm_cli
 
@@ -57,14 +55,6 @@ time.sleep(600)
 """
 
 
-def _env(**extra):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **extra)
-  tests = os.path.dirname(os.path.abspath(__file__))
-  env["PYTHONPATH"] = os.pathsep.join(
-      [os.path.dirname(tests), tests, env.get("PYTHONPATH", "")])
-  return env
-
-
 def _free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -87,30 +77,9 @@ class TrainCliTest(absltest.TestCase):
     """The CLI on the tiny config, run to its exit (a process of warm_cli)."""
     return warm_cli.run(["-m", "sonnet_vqvae.train",
                          f"--workdir={self.workdir}", *_TINY, *args],
-                        env=_env())
+                        env=warm_cli.environment())
 
-  def test_evaluate_mode_and_unknown_override(self):
-    # A run to evaluate, trained here: a CLI training is the other tests'.
-    with tfds.testing.mock_data(num_examples=16):
-      train.train(tiny.vqvae_config(num_steps=2), self.workdir)
-    # Evaluation writes the workdir: it is refused while another holds it.
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _LOCK_HOLDER, self.workdir],
-        stdout=subprocess.PIPE, text=True)
-    self.addCleanup(holder.wait)
-    self.addCleanup(holder.kill)
-    self.assertEqual(holder.stdout.readline().strip(), "locked")
-    refused = self._cli("--mode=evaluate")
-    self.assertNotEqual(refused.returncode, 0)
-    self.assertIn("in use by another process", refused.stderr)
-    self.assertFalse(os.path.exists(os.path.join(self.workdir, "eval.json")))
-    holder.kill()
-    holder.wait()
-    evaluate = self._cli("--mode=evaluate")
-    self.assertEqual(evaluate.returncode, 0, evaluate.stderr[-3000:])
-    with open(os.path.join(self.workdir, "eval.json")) as f:
-      self.assertIn("nmse", json.load(f))
-
+  def test_unknown_override_and_bad_value_are_one_line_errors(self):
     typo = self._cli("--config.num_step=2")
     self.assertNotEqual(typo.returncode, 0)
     # One line naming the key and the nearest valid one, no traceback.
@@ -124,13 +93,13 @@ class TrainCliTest(absltest.TestCase):
                   "got 'fast'.", bad.stderr)
     self.assertNotIn("Traceback", bad.stderr)
 
-  def test_presets_by_name_and_resume_with_the_workdir_alone(self):
+  def test_presets_resume_with_the_workdir_alone_and_evaluate_mode(self):
     elsewhere = tempfile.mkdtemp()  # Not the repository root.
 
     def run(*args):
       return warm_cli.run(["-m", "sonnet_vqvae.train",
-                           f"--workdir={self.workdir}", *args], env=_env(),
-                          cwd=elsewhere)
+                           f"--workdir={self.workdir}", *args],
+                          env=warm_cli.environment(), cwd=elsewhere)
 
     first = run("--config=default", *_TINY, "--config.num_steps=2")
     self.assertEqual(first.returncode, 0, first.stderr[-3000:])
@@ -159,20 +128,44 @@ class TrainCliTest(absltest.TestCase):
                      "preset's name, e.g. --config=vqvae2, or the path of a "
                      "config file.")
 
+    # --mode=evaluate on this run. It writes the workdir (eval.json, the
+    # figures): it is refused while another holds it.
+    os.remove(os.path.join(self.workdir, "eval.json"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _LOCK_HOLDER, self.workdir],
+        stdout=subprocess.PIPE, text=True)
+    self.addCleanup(holder.wait)
+    self.addCleanup(holder.kill)
+    self.assertEqual(holder.stdout.readline().strip(), "locked")
+    refused = run("--mode=evaluate")
+    self.assertNotEqual(refused.returncode, 0)
+    self.assertIn("in use by another process", refused.stderr)
+    self.assertFalse(os.path.exists(os.path.join(self.workdir, "eval.json")))
+    holder.kill()
+    holder.wait()
+    evaluate = run("--mode=evaluate")
+    self.assertEqual(evaluate.returncode, 0, evaluate.stderr[-3000:])
+    with open(os.path.join(self.workdir, "eval.json")) as f:
+      self.assertIn("nmse", json.load(f))
+
   def test_two_workers_train_identical_models_on_the_same_step(self):
     ports = [_free_port(), _free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     outputs = [os.path.join(self.workdir, f"worker{i}.npz") for i in (0, 1)]
+    # Processes of their own from warm_cli's zygote: TensorFlow reads
+    # TF_CONFIG when the strategy is made, not at import.
     workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", _WORKER, self.workdir, outputs[i],
-             str([3, 0][i])],
-            env=_env(TF_CONFIG=json.dumps(
+        warm_cli.start(
+            ["-c", _WORKER, self.workdir, outputs[i], str([3, 0][i])],
+            env=warm_cli.environment(TF_CONFIG=json.dumps(
                 {"cluster": cluster, "task": {"type": "worker", "index": i}})),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            zygote_env=warm_cli.environment())
         for i in (0, 1)]
     for worker in workers:
-      log = worker.communicate(timeout=240)[0]
+      self.addCleanup(worker.kill)
+    for worker in workers:
+      worker.wait(timeout=240)
+      log = worker.stdout + worker.stderr
       self.assertEqual(worker.returncode, 0, log[-3000:])
       self.assertIn("on 2 replica(s)", log)
       # Workers that restored different steps both fail clearly (the same

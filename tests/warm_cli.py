@@ -98,6 +98,7 @@ class Process:
     self.pid = pid
     self.returncode: Optional[int] = None
     self._status, self._stdout, self._stderr = status, stdout, stderr
+    self._read = 0  # Bytes of stdout that readline returned.
 
   def poll(self) -> Optional[int]:
     if self.returncode is None and os.path.exists(self._status):
@@ -113,6 +114,24 @@ class Process:
         raise subprocess.TimeoutExpired(str(self.pid), timeout)
       time.sleep(0.02)
     return self.returncode
+
+  def readline(self, timeout: float = 300) -> str:
+    """stdout's next line, as a pipe's readline: "" at its end after the exit."""
+    deadline = time.time() + timeout
+    while True:
+      exited = self.poll() is not None  # Before the read: all it wrote.
+      line = b""
+      if os.path.exists(self._stdout):  # The child creates it.
+        with open(self._stdout, "rb") as f:
+          f.seek(self._read)
+          line = f.readline()
+      if line.endswith(b"\n") or exited:
+        self._read += len(line)
+        return line.decode()
+      if time.time() > deadline:
+        self.kill()
+        raise subprocess.TimeoutExpired(str(self.pid), timeout)
+      time.sleep(0.01)
 
   def send_signal(self, sig: int) -> None:
     if self.poll() is None:
@@ -178,24 +197,41 @@ class _Zygote:
 _ZYGOTES: Dict[str, _Zygote] = {}
 
 
+def environment(**extra: str) -> Dict[str, str]:
+  """os.environ with TF quiet, this checkout and tests/ importable, `extra`.
+
+  The tests' common environment: their processes share one zygote.
+  """
+  tests = os.path.dirname(os.path.abspath(__file__))
+  environ = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **extra)
+  environ["PYTHONPATH"] = os.pathsep.join(
+      [os.path.dirname(tests), tests, environ.get("PYTHONPATH", "")])
+  return environ
+
+
 def start(argv: List[str], env: Dict[str, str],
-          cwd: Optional[str] = None) -> Process:
+          cwd: Optional[str] = None,
+          zygote_env: Optional[Dict[str, str]] = None) -> Process:
   """Starts `python *argv` (on tfds mock data) from the zygote.
 
   argv: ["-m", module, *args] or ["-c", code, *args].
 
-  One zygote per environment at start (what TensorFlow reads at import).
+  One zygote per environment at start (what TensorFlow reads at import):
+  `env`, or `zygote_env` where env only adds variables read after import
+  (e.g. TPU_NAME), so the child comes from an existing zygote.
   """
-  key = json.dumps(sorted(env.items()))
+  zygote_env = env if zygote_env is None else zygote_env
+  key = json.dumps(sorted(zygote_env.items()))
   if key not in _ZYGOTES:
-    _ZYGOTES[key] = _Zygote(env)
+    _ZYGOTES[key] = _Zygote(zygote_env)
   return _ZYGOTES[key].start(argv, env, cwd or os.getcwd())
 
 
-def run(argv: List[str], env: Dict[str, str], cwd: Optional[str] = None,
-        timeout: float = 300) -> Process:
+def run(argv: List[str], env: Dict[str, str],
+        cwd: Optional[str] = None, timeout: float = 300,
+        zygote_env: Optional[Dict[str, str]] = None) -> Process:
   """`start`, then waits for the exit: .returncode, .stdout, .stderr."""
-  process = start(argv, env, cwd)
+  process = start(argv, env, cwd, zygote_env)
   process.wait(timeout)
   return process
 
