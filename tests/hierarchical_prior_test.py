@@ -32,6 +32,17 @@ def _model(levels=2, num_classes=None, num_layers=4):
       num_classes=num_classes)
 
 
+_SAMPLER = []
+
+
+def _three_level_sampler():
+  """_model(3, num_classes=10), built once: the sampling tests share its
+  traced sampler (one trace per call signature costs seconds)."""
+  if not _SAMPLER:
+    _SAMPLER.append(_model(3, num_classes=10))
+  return _SAMPLER[0]
+
+
 def _random_codes(levels, batch=2, seed=0):
   rng = np.random.default_rng(seed)
   return [rng.integers(0, k, [batch, *shape]).astype(np.int32)
@@ -65,33 +76,40 @@ class HierarchicalPriorTest(parameterized.TestCase):
   def test_causal_within_a_level_and_only_coarser_levels_across(self, levels):
     model = _model(levels)
     codes = _random_codes(levels, batch=1)
-    base = [l.numpy() for l in model(codes)]
-    for level, (height, width) in enumerate(_SHAPES[levels]):
-      for position in range(height * width):
-        changed = [c.copy() for c in codes]
-        grid = changed[level].reshape(-1)
-        grid[position] = (grid[position] + 1) % _K[level]
-        logits = [l.numpy() for l in model(changed)]
-        for other in range(levels):
-          flat_base = base[other].reshape(-1, _K[other])
-          flat_new = logits[other].reshape(-1, _K[other])
-          if other < level:
-            # Coarser levels never see finer codes.
-            np.testing.assert_array_equal(flat_new, flat_base)
-          elif other == level:
-            # This level: the code and those before it are not seen...
-            np.testing.assert_array_equal(flat_new[:position + 1],
-                                          flat_base[:position + 1])
-            # ...while the next position sees it.
-            if position + 1 < height * width:
-              self.assertFalse(np.allclose(flat_new[position + 1],
-                                           flat_base[position + 1]))
-          else:
-            # Finer levels see all coarser codes from their first position.
-            self.assertFalse(np.allclose(flat_new[0], flat_base[0]))
+    # One call: row 0 the codes, row i the codes with the i-th (level,
+    # position) changed.
+    changes = [(level, position)
+               for level, (height, width) in enumerate(_SHAPES[levels])
+               for position in range(height * width)]
+    changed = [np.repeat(c, 1 + len(changes), axis=0) for c in codes]
+    for row, (level, position) in enumerate(changes, start=1):
+      grid = changed[level][row].reshape(-1)
+      grid[position] = (grid[position] + 1) % _K[level]
+    all_logits = [l.numpy() for l in model(changed)]
+    base = [l[:1] for l in all_logits]
+    for row, (level, position) in enumerate(changes, start=1):
+      height, width = _SHAPES[levels][level]
+      logits = [l[row:row + 1] for l in all_logits]
+      for other in range(levels):
+        flat_base = base[other].reshape(-1, _K[other])
+        flat_new = logits[other].reshape(-1, _K[other])
+        if other < level:
+          # Coarser levels never see finer codes.
+          np.testing.assert_array_equal(flat_new, flat_base)
+        elif other == level:
+          # This level: the code and those before it are not seen...
+          np.testing.assert_array_equal(flat_new[:position + 1],
+                                        flat_base[:position + 1])
+          # ...while the next position sees it.
+          if position + 1 < height * width:
+            self.assertFalse(np.allclose(flat_new[position + 1],
+                                         flat_base[position + 1]))
+        else:
+          # Finer levels see all coarser codes from their first position.
+          self.assertFalse(np.allclose(flat_new[0], flat_base[0]))
 
   def test_sample_shapes_range_and_seed(self):
-    model = _model(3, num_classes=10)
+    model = _three_level_sampler()
     draw = lambda seed: model.sample(4, _SHAPES[3], labels=3, seed=seed)
     codes = draw(7)
     self.assertEqual([tuple(c.shape) for c in codes],
@@ -118,7 +136,7 @@ class HierarchicalPriorTest(parameterized.TestCase):
       np.testing.assert_array_equal(c, tf.argmax(l, -1, output_type=tf.int32))
 
   def test_given_top_levels_are_kept_and_the_rest_drawn_given_them(self):
-    model = _model(3, num_classes=10)
+    model = _three_level_sampler()
     full = model.sample(4, _SHAPES[3], labels=3, seed=1)
     top = [np.full([4, 1, 1], 2, np.int32)]
     codes = model.sample(4, _SHAPES[3], labels=3, seed=1, given=top)
