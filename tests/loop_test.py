@@ -142,9 +142,8 @@ class LoopTest(parameterized.TestCase):
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
   def test_the_loop_predicate_reads_only_its_counter(self):
-    model, optimizer = _model()
-    train_loop = train.make_train_loop(model, optimizer,
-                                       tf.distribute.get_strategy(), False)
+    # The shared loop's trace of the signature the other tests call.
+    train_loop = _shared_loop(False)[3]
     graph = train_loop.get_concrete_function(
         iter(_batches(2)), tf.TensorSpec([], tf.int32)).graph
     whiles = [op for op in graph.get_operations()
@@ -203,36 +202,29 @@ class LoopTest(parameterized.TestCase):
       np.testing.assert_array_equal(a, b)
 
   @pytest.mark.slow
-  def test_two_replicas_loop_matches_one(self):
+  def test_two_replicas_loop_matches_one_and_refuses_xla(self):
     self.assertLen(tf.config.list_logical_devices("CPU"), 2)
     replicator = distribute.make_strategy("replicator")
     model_a, _, _, one = _shared_loop(False)
     model_b, optimizer_b = _model(replicator)
     _copy(model_a, model_b)
-    two = train.make_train_loop(model_b, optimizer_b, replicator, False)
+    with self.assertRaisesRegex(ValueError, "only on GPUs.*'auto' or False"):
+      train.make_train_loop(model_b, optimizer_b, replicator, True)
+    # "auto" runs the replicas without XLA and says why: that loop (the
+    # plain `make_train_loop`'s) is the one compared with one device's.
+    with self.assertLogs(level="INFO") as logs:
+      two = loop.select_loop(
+          train.make_replica_step(model_b, optimizer_b), replicator,
+          iter(replicator.experimental_distribute_dataset(_batches(3))),
+          "auto", num_steps=10_000)
+    self.assertIn("cannot XLA-compile several CPU replicas",
+                  "\n".join(logs.output))
     one(iter(_batches(3)), tf.constant(3))
-    out = two(iter(replicator.experimental_distribute_dataset(_batches(3))),
-              tf.constant(3))
+    out = two(3)
     self.assertEqual(int(out["steps"]), 3)
     for a, b in zip(model_a.variables, model_b.variables):
       np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5,
                                  err_msg=a.name)
-
-  @pytest.mark.slow
-  def test_xla_on_two_cpu_replicas_is_a_clear_error(self):
-    replicator = distribute.make_strategy("replicator")
-    model, optimizer = _model(replicator)
-    with self.assertRaisesRegex(ValueError, "only on GPUs.*'auto' or False"):
-      train.make_train_loop(model, optimizer, replicator, True)
-    # "auto" runs the replicas without XLA and says why.
-    with self.assertLogs(level="INFO") as logs:
-      train_loop = loop.select_loop(
-          train.make_replica_step(model, optimizer), replicator,
-          iter(replicator.experimental_distribute_dataset(_batches(2))),
-          "auto", num_steps=10_000)
-    self.assertIn("cannot XLA-compile several CPU replicas",
-                  "\n".join(logs.output))
-    self.assertEqual(int(train_loop(2)["steps"]), 2)
 
   def test_auto_skips_xla_for_short_runs(self):
     model, optimizer = _model()
