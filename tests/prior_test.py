@@ -274,10 +274,7 @@ class EndToEndTest(absltest.TestCase):
     # The command line, from another directory: sampling needs no data, and
     # the prior's workdir alone (its run.json names the VQ-VAE's). Processes
     # of their own, forked from a Python that imported TF (warm_cli).
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(tests), tests, env.get("PYTHONPATH", "")])
+    env = warm_cli.environment()
     elsewhere = self.enter_context(tempfile.TemporaryDirectory())
     sampled = warm_cli.run(
         ["-c", _WITHOUT_DATA, "--mode=sample", "--config=prior",

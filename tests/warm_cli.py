@@ -221,7 +221,10 @@ def start(argv: List[str], env: Dict[str, str],
   (e.g. TPU_NAME), so the child comes from an existing zygote.
   """
   zygote_env = env if zygote_env is None else zygote_env
-  key = json.dumps(sorted(zygote_env.items()))
+  # Not PYTEST_CURRENT_TEST, which pytest sets anew for every test: one
+  # zygote serves all tests of a process.
+  key = json.dumps(sorted((name, value) for name, value in zygote_env.items()
+                          if name != "PYTEST_CURRENT_TEST"))
   if key not in _ZYGOTES:
     _ZYGOTES[key] = _Zygote(zygote_env)
   return _ZYGOTES[key].start(argv, env, cwd or os.getcwd())
