@@ -12,7 +12,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 import tempfile
 
 from absl import logging
@@ -22,6 +21,7 @@ import pytest
 import tensorflow as tf
 
 from sonnet_vqvae import distribute
+import warm_cli
 
 
 def _tree(files):
@@ -283,13 +283,11 @@ except RuntimeError as e:
 class RealTpuInitTest(absltest.TestCase):
 
   def test_plain_tensorflow_falls_back_or_says_what_to_install(self):
-    # In a subprocess: a TPU initialisation changes the process's context.
-    run = subprocess.run(
-        [sys.executable, "-c", _REAL_TPU_INIT],
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TPU_NAME="local",
-                 PYTHONPATH=os.path.dirname(os.path.dirname(
-                     os.path.abspath(__file__)))),
-        capture_output=True, text=True, timeout=300)
+    # In a process of its own: a TPU initialisation changes the process's
+    # context. Forked from warm_cli's zygote: TPU_NAME is read after import.
+    run = warm_cli.run(["-c", _REAL_TPU_INIT],
+                       env=warm_cli.environment(TPU_NAME="local"),
+                       zygote_env=warm_cli.environment())
     self.assertEqual(run.returncode, 0, run.stderr[-3000:])
     self.assertIn("AUTO _DefaultDistributionStrategy", run.stdout)
     # One warning, naming TensorFlow's missing TPU kernels and the fix.

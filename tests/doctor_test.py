@@ -1,14 +1,11 @@
-"""The self-check: its code comparison, and the whole report in a subprocess."""
-
-import os
-import subprocess
-import sys
+"""The self-check: its code comparison, and the whole report in a process."""
 
 from absl.testing import absltest
 import numpy as np
 import pytest
 
 from sonnet_vqvae import doctor
+import warm_cli
 
 
 class CheckCodesTest(absltest.TestCase):
@@ -57,12 +54,11 @@ class CheckCodesTest(absltest.TestCase):
 class DoctorRunTest(absltest.TestCase):
 
   def test_passes_on_two_logical_cpus(self):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run(
-        [sys.executable, "-m", "sonnet_vqvae.doctor", "--logical_cpus=2",
-         "--steps=8", "--batch_size=8"],
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=root),
-        cwd=root, capture_output=True, text=True, timeout=600)
+    # A process of its own, forked from one that imported TensorFlow but
+    # has not started its runtime (warm_cli): --logical_cpus still applies.
+    run = warm_cli.run(["-m", "sonnet_vqvae.doctor", "--logical_cpus=2",
+                        "--steps=8", "--batch_size=8"],
+                       env=warm_cli.environment(), timeout=600)
     self.assertEqual(run.returncode, 0, run.stdout + run.stderr[-3000:])
     lines = run.stdout.splitlines()
     for name in ("strategy", "train", "replicas", "codes"):
