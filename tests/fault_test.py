@@ -35,14 +35,6 @@ import tiny
 import warm_cli
 
 
-def _env():
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  tests = os.path.dirname(os.path.abspath(__file__))
-  env["PYTHONPATH"] = os.pathsep.join(
-      [os.path.dirname(tests), tests, env.get("PYTHONPATH", "")])
-  return env
-
-
 def _train(config, workdir):
   with tfds.testing.mock_data(num_examples=16):
     return train.train_and_evaluate(config, workdir)
@@ -57,13 +49,24 @@ def _train_only(config, workdir):
 # The workdir of one tiny run (4 steps, checkpoints at 2 and 4, evaluated),
 # trained once per module: tests that only need a trained run copy it.
 _TRAINED = []
+# Whether its workdir was locked as another process finds it: probed when
+# its trainer started evaluating, then after the run.
+_TRAINED_LOCKED = []
 
 
 def _trained_copy():
   """A fresh copy of the module's tiny trained workdir (see _TRAINED)."""
   if not _TRAINED:
     workdir = tempfile.mkdtemp()
-    _train(tiny.vqvae_config(), workdir)
+    evaluate_and_plot = train.evaluate_and_plot
+
+    def probing(*args, **kwargs):
+      _TRAINED_LOCKED.append(_held_by_another(workdir))
+      return evaluate_and_plot(*args, **kwargs)
+
+    with mock.patch.object(train, "evaluate_and_plot", probing):
+      _train(tiny.vqvae_config(), workdir)
+    _TRAINED_LOCKED.append(_held_by_another(workdir))
     _TRAINED.append(workdir)
   copy = os.path.join(tempfile.mkdtemp(), "workdir")
   # Checkpoint paths in the index are relative: the copy is a run of its own.
@@ -193,42 +196,52 @@ class LockDuringEvaluationTest(absltest.TestCase):
 
   @pytest.mark.slow
   def test_the_trainer_holds_the_lock_through_its_evaluation(self):
-    workdir = tempfile.mkdtemp()
-    evaluate_and_plot = train.evaluate_and_plot
-    held = []
-
-    def probing(*args, **kwargs):
-      held.append(_held_by_another(workdir))
-      return evaluate_and_plot(*args, **kwargs)
-
-    with mock.patch.object(train, "evaluate_and_plot", probing):
-      _train(tiny.vqvae_config(), workdir)
-    self.assertEqual(held, [True])
-    self.assertFalse(_held_by_another(workdir))  # Released at the end.
+    _trained_copy()  # The module's run, probed as it trained (see there).
+    # Held in its one evaluation, released at the end.
+    self.assertEqual(_TRAINED_LOCKED, [True, False])
 
 
 class IndexFileTest(absltest.TestCase):
   """Case 1: the CheckpointManager's index file deleted or garbled."""
 
-  def _resume_without_index(self, damage):
+  def _resume_without_index(self, damage, num_steps=6, rows=""):
+    """Resumes the trained run (rows of steps 1, 2 and 4) without its index.
+
+    rows: text appended to its metrics rows first.
+    """
     workdir = _trained_copy()
     before = _checkpoint_files(workdir)
     eval_before = open(os.path.join(workdir, "eval.json")).read()
     damage(os.path.join(workdir, "checkpoints", "checkpoint"))
+    with open(os.path.join(workdir, loop.METRICS_FILE), "a") as f:
+      f.write(rows)
     with self.assertLogs(level="INFO") as logs:
-      _train(tiny.vqvae_config(num_steps=6), workdir)
-    self.assertIn("Training from step 4 to 6", "\n".join(logs.output))
+      _train(tiny.vqvae_config(num_steps=num_steps, checkpoint_every=4),
+             workdir)
+    self.assertIn(f"Training from step 4 to {num_steps}",
+                  "\n".join(logs.output))
     for path, content in before.items():  # Nothing overwritten or lost.
       with open(path, "rb") as f:
         self.assertEqual(f.read(), content, path)
-    self.assertEqual(_latest_step(workdir), 6)
-    self.assertEqual([r["step"] for r in _rows(workdir)], [1, 2, 4, 6])
+    self.assertEqual(_latest_step(workdir), num_steps)
+    self.assertEqual([r["step"] for r in _rows(workdir)],
+                     [1, 2, *range(4, num_steps + 1, 2)])
+    with open(os.path.join(workdir, loop.METRICS_FILE)) as f:
+      for line in f:
+        json.loads(line)  # Every line whole.
+    # Evaluated after the resume, its curves read from those rows.
     self.assertNotEqual(open(os.path.join(workdir, "eval.json")).read(),
                         eval_before)
 
   @pytest.mark.slow
-  def test_deleted_index_resumes_from_the_newest_checkpoint(self):
-    self._resume_without_index(os.remove)
+  def test_deleted_index_and_torn_rows_resume_from_the_newest_checkpoint(
+      self):
+    """Case 1 with case 4: a torn last row, rows of steps to be redone."""
+    # A row of step 6 logged before a kill that lost its checkpoint, then
+    # half a row.
+    self._resume_without_index(
+        os.remove, num_steps=8,
+        rows=json.dumps({"step": 6, "loss": 1.0}) + '\n{"step": 8, "lo')
 
   @pytest.mark.slow
   def test_garbled_index_resumes_and_is_kept_aside(self):
@@ -291,27 +304,6 @@ class RunMetadataTest(absltest.TestCase):
     self.assertEqual(_snapshot(workdir), before)
 
 
-class MetricsRowsTest(absltest.TestCase):
-
-  @pytest.mark.slow
-  def test_torn_row_and_rows_after_the_checkpoint_are_dropped(self):
-    """Case 4: a torn last line and rows of redone steps."""
-    workdir = _trained_copy()  # Rows of steps 1, 2 and 4.
-    path = os.path.join(workdir, loop.METRICS_FILE)
-    with open(path, "a") as f:
-      # A row of step 6 logged before a kill that lost its checkpoint, then
-      # half a row.
-      f.write(json.dumps({"step": 6, "loss": 1.0}) + "\n{\"step\": 8, \"lo")
-    _train_only(tiny.vqvae_config(num_steps=8, checkpoint_every=4), workdir)
-    self.assertEqual([r["step"] for r in _rows(workdir)], [1, 2, 4, 6, 8])
-    with open(path) as f:
-      for line in f:
-        json.loads(line)  # Every line whole.
-    with tfds.testing.mock_data(num_examples=16):
-      config, model = train.restore_model(workdir)
-      train.evaluate_and_plot(config, model, workdir)
-
-
 class EvaluationTest(absltest.TestCase):
 
   @pytest.mark.slow
@@ -344,15 +336,15 @@ class PriorProvenanceTest(absltest.TestCase):
     with self.assertRaisesRegex(rundir.FingerprintMismatch, "another VQ-VAE"):
       prior.sample(config, vqvae_b, prior_dir)
     self.assertEqual(_snapshot(prior_dir), before)
-    self.assertTrue(os.path.exists(prior.sample(config, vqvae_a, prior_dir)))
 
     # Trained further, the VQ-VAE's codes change: resuming the prior on them
-    # is an error naming the step; sampling still finds the recorded one.
+    # is an error naming the step; sampling still finds the recorded one
+    # (the checkpoint it was trained on, among newer ones).
     with tfds.testing.mock_data(num_examples=16):
       train.train(tiny.vqvae_config(num_steps=6, seed=0), vqvae_a)
       with self.assertRaisesRegex(rundir.FingerprintMismatch, "vqvae.step"):
         prior.train_prior(tiny.prior_config(num_steps=4), vqvae_a, prior_dir)
-    prior.sample(config, vqvae_a, prior_dir)
+    self.assertTrue(os.path.exists(prior.sample(config, vqvae_a, prior_dir)))
 
 
 class _Stopped(Exception):
@@ -371,7 +363,8 @@ class ProcessFaultTest(absltest.TestCase):
     """`train` on this test's workdir: a process of its own (warm_cli)."""
     process = warm_cli.start(
         ["-m", "sonnet_vqvae.train", f"--workdir={self.workdir}",
-         *tiny.cli_flags(tiny.vqvae_config(**overrides))], env=_env())
+         *tiny.cli_flags(tiny.vqvae_config(**overrides))],
+        env=warm_cli.environment())
     self.addCleanup(process.kill)
     return process
 
