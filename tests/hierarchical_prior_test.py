@@ -10,14 +10,10 @@ from absl.testing import parameterized
 import numpy as np
 import pytest
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
-from sonnet_vqvae import export
 from sonnet_vqvae import hierarchical_prior
-from sonnet_vqvae import input_pipeline
 from sonnet_vqvae import prior
 from sonnet_vqvae import rundir
-from sonnet_vqvae import train
 import tiny
 
 # Two levels: a 2x2 top grid over a 4x4 bottom one; three: 1x1, 2x2, 4x4.
@@ -223,85 +219,6 @@ class PriorOnLevelsTest(parameterized.TestCase):
     self.assertIsInstance(restored, hierarchical_prior.HierarchicalPrior)
     with self.assertRaisesRegex(ValueError, "models"):
       prior.restore_prior(workdir, [4, 6])
-
-
-@pytest.mark.slow
-class EndToEndTest(absltest.TestCase):
-
-  def test_vqvae2_then_prior_then_samples(self):
-    vqvae_dir = self.enter_context(tempfile.TemporaryDirectory())
-    prior_dir = self.enter_context(tempfile.TemporaryDirectory())
-    vqvae_config = tiny.vqvae_config(num_levels=2,
-                                     level_num_embeddings=(8, 16),
-                                     num_steps=2, log_every=1)
-    with tfds.testing.mock_data(num_examples=16):
-      train.train(vqvae_config, vqvae_dir)
-      # Batches of the 16 mock images, not the default 256 (padding).
-      metrics = prior.train_prior(
-          tiny.prior_config(num_steps=4), vqvae_dir,
-          prior_dir)
-    self.assertEqual(metrics["step"], 4)
-    self.assertAlmostEqual(metrics["level0_uniform_nats_per_code"],
-                           math.log(8))
-    self.assertAlmostEqual(metrics["level1_uniform_nats_per_code"],
-                           math.log(16))
-    for key in ("bits_per_dim", "level0_nll_nats_per_code",
-                "level1_nll_nats_per_code", "unigram_bits_per_dim"):
-      self.assertTrue(math.isfinite(metrics[key]), key)
-    with open(os.path.join(prior_dir, "run.json")) as f:
-      print_ = json.load(f)["fingerprint"]
-    self.assertEqual(print_["num_embeddings"], [8, 16])
-    self.assertEqual(print_["code_shape"], [[4, 4], [8, 8]])
-
-    path = prior.sample(tiny.prior_config(num_samples=4), vqvae_dir,
-                        prior_dir)
-    self.assertEqual(path, os.path.join(prior_dir, "prior_samples.png"))
-    with open(path, "rb") as f:
-      self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
-    # Sampling decodes what the prior draws, top-down, with the VQ-VAE-2.
-    _, vqvae = prior.restore_vqvae_of_prior(prior_dir, vqvae_dir)
-    _, model = prior.restore_prior(prior_dir)
-    images = prior.sample_images(model, vqvae, num_samples=2, label=-1,
-                                 temperature=1.0, seed=0)
-    codes = model.sample(2, [(4, 4), (8, 8)], labels=[0, 1], seed=0)
-    np.testing.assert_array_equal(images, vqvae.decode(codes).numpy())
-
-    # The export: one code grid per level in every signature.
-    output = os.path.join(prior_dir, "export")
-    export.export_saved_model(prior_dir, output)
-    signatures = tf.saved_model.load(output).signatures
-    uint8 = np.random.default_rng(0).integers(0, 256, [3, 32, 32, 3],
-                                              dtype=np.uint8)
-    encoded = signatures["encode"](images=tf.constant(uint8))
-    for level, grid in enumerate(vqvae.encode(
-        input_pipeline.scale_images(uint8))):
-      np.testing.assert_array_equal(encoded[f"codes_{level}"], grid)
-    decoded = signatures["decode"](**encoded)
-    np.testing.assert_allclose(
-        decoded["images"], vqvae.decode([encoded["codes_0"],
-                                         encoded["codes_1"]]), atol=1e-5)
-    recon = signatures["reconstruct"](images=tf.constant(uint8))
-    np.testing.assert_array_equal(recon["images_uint8"],
-                                  decoded["images_uint8"])
-    drawn = signatures["sample"](labels=tf.constant([0, 1]),
-                                 temperature=tf.constant(1.0),
-                                 seed=tf.constant(0, tf.int64))
-    for level, grid in enumerate(codes):
-      np.testing.assert_array_equal(drawn[f"codes_{level}"], grid)
-    with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "codes_1"):
-      signatures["decode"](codes_0=encoded["codes_0"],
-                           codes_1=encoded["codes_1"] + 16)
-    # Each level's grid shape, and one batch for all levels.
-    with self.assertRaisesRegex(
-        tf.errors.InvalidArgumentError, r"decode: codes_0 must have shape "
-        r"\[B, 4, 4\] with B >= 1, received \[3 8 8\]"):
-      signatures["decode"](codes_0=encoded["codes_1"],
-                           codes_1=encoded["codes_1"])
-    with self.assertRaisesRegex(
-        tf.errors.InvalidArgumentError, r"decode: codes_1 must have shape "
-        r"\[B, 8, 8\] with B the batch of codes_0, received \[2 8 8\]"):
-      signatures["decode"](codes_0=encoded["codes_0"],
-                           codes_1=encoded["codes_1"][:2])
 
 
 if __name__ == "__main__":

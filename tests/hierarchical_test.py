@@ -1,17 +1,29 @@
-"""VQ-VAE-2 model: shapes per level, equality with the plain model, replicas."""
+"""VQ-VAE-2 model: shapes per level, equality with the plain model, replicas;
+its runs, and a prior on its codes end to end."""
+
+import json
+import math
+import os
+import shutil
+import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from sonnet_vqvae import distribute
+from sonnet_vqvae import export
 from sonnet_vqvae import hierarchical
+from sonnet_vqvae import input_pipeline
 from sonnet_vqvae import networks
 from sonnet_vqvae import optim
 from sonnet_vqvae import plotting
 from sonnet_vqvae import precision
+from sonnet_vqvae import prior
+from sonnet_vqvae import rundir
 from sonnet_vqvae import train
 import tiny
 
@@ -77,10 +89,12 @@ class ShapesTest(parameterized.TestCase):
 
 class DecodeTopTest(parameterized.TestCase):
 
-  def setUp(self):
-    super().setUp()
-    self.model = _model((8, 16, 32))
-    self.codes = self.model.encode(_images(2, 32))
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    # One model for the class: its tests only decode and evaluate with it.
+    cls.model = _model((8, 16, 32))
+    cls.codes = cls.model.encode(_images(2, 32))
 
   def _changed(self, levels):
     """self.codes with every grid of `levels` (indices, top first) changed."""
@@ -234,15 +248,14 @@ class TrainingTest(absltest.TestCase):
                      {tf.float32})
 
 
-class TrainConfigTest(parameterized.TestCase):
+# The two-level run (train_and_evaluate for 4 steps, resumed to 6), trained
+# once for the tests below, which only read it.
+_TWO_LEVELS = []
 
-  @pytest.mark.slow
-  def test_train_resume_evaluate_two_levels(self):
-    import json  # pylint: disable=g-import-not-at-top
-    import os  # pylint: disable=g-import-not-at-top
-    import tempfile  # pylint: disable=g-import-not-at-top
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    from sonnet_vqvae import rundir  # pylint: disable=g-import-not-at-top
+
+def _two_level_run():
+  """(workdir, metrics of its evaluation at step 4)."""
+  if not _TWO_LEVELS:
     workdir = tempfile.mkdtemp()
     config = tiny.vqvae_config(num_levels=2, level_num_embeddings=(8, 16))
     with tfds.testing.mock_data(num_examples=16):
@@ -251,6 +264,20 @@ class TrainConfigTest(parameterized.TestCase):
       # the rows and the restored run are what is checked of it).
       train.train(tiny.vqvae_config(
           num_levels=2, level_num_embeddings=(8, 16), num_steps=6), workdir)
+    _TWO_LEVELS.append((workdir, metrics))
+  return _TWO_LEVELS[0]
+
+
+def tearDownModule():
+  for workdir, _ in _TWO_LEVELS:
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+class TrainConfigTest(parameterized.TestCase):
+
+  @pytest.mark.slow
+  def test_train_resume_evaluate_two_levels(self):
+    workdir, metrics = _two_level_run()
     for level, k in enumerate((8, 16)):
       self.assertBetween(metrics[f"level{level}_codes_used"], 1, k)
       self.assertGreaterEqual(metrics[f"level{level}_perplexity"], 1.)
@@ -279,8 +306,6 @@ class TrainConfigTest(parameterized.TestCase):
 
   @pytest.mark.slow
   def test_three_levels_on_64x64_images(self):
-    import tempfile  # pylint: disable=g-import-not-at-top
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     workdir = tempfile.mkdtemp()
     # tfds' 64x64 ImageNet, mocked: 4x4, 8x8 and 16x16 code grids.
     config = tiny.vqvae_config(
@@ -322,6 +347,83 @@ class TrainConfigTest(parameterized.TestCase):
     model = train.build_model(config, 0.06)
     self.assertIsInstance(model, hierarchical.HierarchicalVQVAE)
     self.assertEqual(train.downsampling(config), 8)
+
+
+@pytest.mark.slow
+class PriorEndToEndTest(absltest.TestCase):
+  """The prior on a VQ-VAE-2's codes: train, sample, export."""
+
+
+  def test_vqvae2_then_prior_then_samples(self):
+    vqvae_dir = _two_level_run()[0]  # Read only.
+    prior_dir = self.enter_context(tempfile.TemporaryDirectory())
+    with tfds.testing.mock_data(num_examples=16):
+      # Batches of the 16 mock images, not the default 256 (padding).
+      metrics = prior.train_prior(
+          tiny.prior_config(num_steps=4), vqvae_dir,
+          prior_dir)
+    self.assertEqual(metrics["step"], 4)
+    self.assertAlmostEqual(metrics["level0_uniform_nats_per_code"],
+                           math.log(8))
+    self.assertAlmostEqual(metrics["level1_uniform_nats_per_code"],
+                           math.log(16))
+    for key in ("bits_per_dim", "level0_nll_nats_per_code",
+                "level1_nll_nats_per_code", "unigram_bits_per_dim"):
+      self.assertTrue(math.isfinite(metrics[key]), key)
+    with open(os.path.join(prior_dir, "run.json")) as f:
+      print_ = json.load(f)["fingerprint"]
+    self.assertEqual(print_["num_embeddings"], [8, 16])
+    self.assertEqual(print_["code_shape"], [[4, 4], [8, 8]])
+
+    path = prior.sample(tiny.prior_config(num_samples=4), vqvae_dir,
+                        prior_dir)
+    self.assertEqual(path, os.path.join(prior_dir, "prior_samples.png"))
+    with open(path, "rb") as f:
+      self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+    # Sampling decodes what the prior draws, top-down, with the VQ-VAE-2.
+    _, vqvae = prior.restore_vqvae_of_prior(prior_dir, vqvae_dir)
+    _, model = prior.restore_prior(prior_dir)
+    images = prior.sample_images(model, vqvae, num_samples=2, label=-1,
+                                 temperature=1.0, seed=0)
+    codes = model.sample(2, [(4, 4), (8, 8)], labels=[0, 1], seed=0)
+    np.testing.assert_array_equal(images, vqvae.decode(codes).numpy())
+
+    # The export: one code grid per level in every signature.
+    output = os.path.join(prior_dir, "export")
+    export.export_saved_model(prior_dir, output)
+    signatures = tf.saved_model.load(output).signatures
+    uint8 = np.random.default_rng(0).integers(0, 256, [3, 32, 32, 3],
+                                              dtype=np.uint8)
+    encoded = signatures["encode"](images=tf.constant(uint8))
+    for level, grid in enumerate(vqvae.encode(
+        input_pipeline.scale_images(uint8))):
+      np.testing.assert_array_equal(encoded[f"codes_{level}"], grid)
+    decoded = signatures["decode"](**encoded)
+    np.testing.assert_allclose(
+        decoded["images"], vqvae.decode([encoded["codes_0"],
+                                         encoded["codes_1"]]), atol=1e-5)
+    recon = signatures["reconstruct"](images=tf.constant(uint8))
+    np.testing.assert_array_equal(recon["images_uint8"],
+                                  decoded["images_uint8"])
+    drawn = signatures["sample"](labels=tf.constant([0, 1]),
+                                 temperature=tf.constant(1.0),
+                                 seed=tf.constant(0, tf.int64))
+    for level, grid in enumerate(codes):
+      np.testing.assert_array_equal(drawn[f"codes_{level}"], grid)
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "codes_1"):
+      signatures["decode"](codes_0=encoded["codes_0"],
+                           codes_1=encoded["codes_1"] + 16)
+    # Each level's grid shape, and one batch for all levels.
+    with self.assertRaisesRegex(
+        tf.errors.InvalidArgumentError, r"decode: codes_0 must have shape "
+        r"\[B, 4, 4\] with B >= 1, received \[3 8 8\]"):
+      signatures["decode"](codes_0=encoded["codes_1"],
+                           codes_1=encoded["codes_1"])
+    with self.assertRaisesRegex(
+        tf.errors.InvalidArgumentError, r"decode: codes_1 must have shape "
+        r"\[B, 8, 8\] with B the batch of codes_0, received \[2 8 8\]"):
+      signatures["decode"](codes_0=encoded["codes_0"],
+                           codes_1=encoded["codes_1"][:2])
 
 
 if __name__ == "__main__":

@@ -470,36 +470,42 @@ class ErrorsTest(parameterized.TestCase):
 
 class ReplicaTest(parameterized.TestCase):
 
-  @parameterized.product(
-      strategy_class=[tf.distribute.MirroredStrategy, snt.distribute.Replicator],
-      options=[{}, dict(dead_code_threshold=2.0, kmeans_init=True)])
-  def test_replicas_hold_the_same_codebook(self, strategy_class, options):
+  @parameterized.parameters(tf.distribute.MirroredStrategy,
+                            snt.distribute.Replicator)
+  def test_replicas_hold_the_same_codebook(self, strategy_class):
+    # Without and with restarts: both quantizers in one traced step.
     strategy = _two_replica_strategy(strategy_class)
+    options = [{}, dict(dead_code_threshold=2.0, kmeans_init=True)]
     with strategy.scope():
-      vq = quantizers.VectorQuantizerEMA(4, 16, 0.25, 0.9, **options)
-    single = quantizers.VectorQuantizerEMA(4, 16, 0.25, 0.9, **options)
-    single.embeddings.assign(strategy.experimental_local_results(vq.embeddings)[0])
+      vqs = [quantizers.VectorQuantizerEMA(4, 16, 0.25, 0.9, **o)
+             for o in options]
+    single = quantizers.VectorQuantizerEMA(4, 16, 0.25, 0.9)
+    single.embeddings.assign(
+        strategy.experimental_local_results(vqs[0].embeddings)[0])
     single.ema_dw.average.assign(single.embeddings)
     data = np.random.RandomState(0).randn(3, 2, 32, 4).astype(np.float32)
 
     @tf.function
     def step(inputs):
-      return strategy.run(lambda x: vq(x, is_training=True)["perplexity"],
-                          args=(inputs,))
+      return strategy.run(
+          lambda x: [vq(x, is_training=True)["perplexity"] for vq in vqs],
+          args=(inputs,))
 
     for batch in data:
       # Each replica gets different data.
-      perplexity = step(strategy.experimental_distribute_values_from_function(
-          lambda ctx, batch=batch: batch[ctx.replica_id_in_sync_group]))
+      perplexity, _ = step(
+          strategy.experimental_distribute_values_from_function(
+              lambda ctx, batch=batch: batch[ctx.replica_id_in_sync_group]))
       expected = single(tf.constant(batch.reshape(64, 4)), is_training=True)
-    first, second = strategy.experimental_local_results(vq.embeddings)
-    np.testing.assert_array_equal(first, second)
-    if not options:
-      # Without restarts the codebook is what one device computes on the
-      # concatenated batch, and perplexity comes from the global histogram.
-      np.testing.assert_allclose(first, single.embeddings, rtol=1e-5, atol=1e-6)
-      for value in strategy.experimental_local_results(perplexity):
-        np.testing.assert_allclose(value, expected["perplexity"], rtol=1e-5)
+    for vq in vqs:
+      first, second = strategy.experimental_local_results(vq.embeddings)
+      np.testing.assert_array_equal(first, second)
+    # Without restarts the codebook is what one device computes on the
+    # concatenated batch, and perplexity comes from the global histogram.
+    first = strategy.experimental_local_results(vqs[0].embeddings)[0]
+    np.testing.assert_allclose(first, single.embeddings, rtol=1e-5, atol=1e-6)
+    for value in strategy.experimental_local_results(perplexity):
+      np.testing.assert_allclose(value, expected["perplexity"], rtol=1e-5)
 
 
 class CodebookHealthTest(parameterized.TestCase):
