@@ -48,6 +48,7 @@ The loaded object also holds `image_shape`, `code_shape` and
 `num_embeddings` (int32 variables; a VQ-VAE-2's: [L, 2] and [L], top first).
 """
 
+import functools
 import glob
 import os
 import shutil
@@ -71,6 +72,17 @@ from sonnet_vqvae import train
 def _to_uint8(images: tf.Tensor) -> tf.Tensor:
   return tf.cast(tf.round(tf.clip_by_value(images + 0.5, 0., 1.) * 255.),
                  tf.uint8)
+
+
+def _calling(concrete: tf.types.experimental.ConcreteFunction,
+             function) -> callable:
+  """A function of `function`'s arguments that calls `concrete`."""
+
+  @functools.wraps(function)
+  def call(*args, **kwargs):
+    return concrete(*args, **kwargs)
+
+  return call
 
 
 class _Untracked:
@@ -117,9 +129,16 @@ class Exported(tf.Module):
     self._grid_shapes = ([code_shapes[0][:-1]] * self._stages
                          if self._stages else code_shapes)
     self._sizes = sizes
+    # Each graph is traced once, for inputs of any shape (`signatures`); the
+    # object's own functions, of static shapes, call it.
+    self._signatures = _Untracked({
+        name: tf.function(function, autograph=False).get_concrete_function(
+            *[tf.TensorSpec(None, spec.dtype, spec.name) for spec in specs])
+        for name, (function, specs) in self._functions().items()})
     for name, (function, specs) in self._functions().items():
-      setattr(self, name, tf.function(function, input_signature=specs,
-                                      autograph=False))
+      setattr(self, name, tf.function(
+          _calling(self._signatures.module[name], function),
+          input_signature=specs, autograph=False))
 
   def _functions(self):
     """name -> (Python function, its input TensorSpecs) of every signature."""
@@ -155,9 +174,7 @@ class Exported(tf.Module):
     a check of what a static shape already says into True. The functions'
     own asserts check every shape and value, then fix the static shape.
     """
-    return {name: tf.function(function, autograph=False).get_concrete_function(
-        *[tf.TensorSpec(None, spec.dtype, spec.name) for spec in specs])
-            for name, (function, specs) in self._functions().items()}
+    return dict(self._signatures.module)
 
   def _code_names(self):
     """"codes", or a VQ-VAE-2's "codes_0" (top) ... "codes_{L-1}"."""

@@ -21,6 +21,7 @@ from sonnet_vqvae import prior
 from sonnet_vqvae import rundir
 from sonnet_vqvae import train
 import tiny
+import warm_cli
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(export.__file__)))
 
@@ -182,8 +183,21 @@ class ExportTest(absltest.TestCase):
     cls.vqvae_dir, cls.prior_dir = _trained_runs()
     cls.path = export.export_saved_model(cls.prior_dir,
                                          os.path.join(cls.base, "export"))
-    # The VQ-VAE's own export, into an empty directory (which export takes).
+    # The VQ-VAE's own export, into an empty directory (which export takes),
+    # beside the staging folders two killed exports of it left (as kill -9
+    # leaves them): one of an ended process, one of a running one.
     cls.vqvae_only = tempfile.mkdtemp(dir=cls.base)
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    cls.running = subprocess.Popen(["sleep", "600"])
+    cls.addClassCleanup(cls.running.wait)
+    cls.addClassCleanup(cls.running.kill)
+    cls.staging = {pid: f"{cls.vqvae_only}.export-{pid}"
+                   for pid in (ended.pid, cls.running.pid)}
+    for staging in cls.staging.values():
+      os.makedirs(os.path.join(staging, "variables"))
+      with open(os.path.join(staging, "saved_model.pb"), "wb") as f:
+        f.write(b"cut short")
     export.export_saved_model(cls.vqvae_dir, cls.vqvae_only)
     cls.without_our_code = None
 
@@ -260,6 +274,12 @@ class ExportTest(absltest.TestCase):
 
   def test_bad_inputs_are_clear_errors(self):
     loaded = tf.saved_model.load(self.path)
+    # The object's own functions take their arguments by name, and give
+    # the signatures' outputs.
+    images = tf.constant(_images(2))
+    np.testing.assert_array_equal(
+        loaded.encode(images=images)["codes"],
+        loaded.signatures["encode"](images=images)["codes"])
     with self.assertRaisesRegex((TypeError, ValueError), r"32, 32, 3"):
       loaded.encode(tf.zeros([2, 28, 28, 3], tf.uint8))
     with self.assertRaisesRegex((TypeError, ValueError), r"32, 32, 3"):
@@ -300,21 +320,12 @@ class ExportTest(absltest.TestCase):
                                   {"distances", "encodings"})
 
   def test_the_next_export_removes_what_a_killed_one_left(self):
-    output = os.path.join(self.base, "after_kill")
-    ended = subprocess.Popen(["true"])
-    ended.wait()
-    running = subprocess.Popen(["sleep", "600"])
-    self.addCleanup(running.wait)
-    self.addCleanup(running.kill)
-    for pid in (ended.pid, running.pid):  # As kill -9 leaves them.
-      staging = f"{output}.export-{pid}"
-      os.makedirs(os.path.join(staging, "variables"))
-      with open(os.path.join(staging, "saved_model.pb"), "wb") as f:
-        f.write(b"cut short")
-    export.export_saved_model(self.vqvae_dir, output)
+    # setUpClass's VQ-VAE export, beside two killed ones' staging folders.
+    name = os.path.basename(self.vqvae_only)
     self.assertEqual(
-        sorted(n for n in os.listdir(self.base) if n.startswith("after_kill")),
-        ["after_kill", f"after_kill.export-{running.pid}"])  # Its own only.
+        sorted(n for n in os.listdir(self.base) if n.startswith(name)),
+        [name, os.path.basename(self.staging[self.running.pid])])  # Its own.
+    self.assertIsNone(self.running.poll())
 
   def test_into_an_empty_directory(self):
     # setUpClass exported the VQ-VAE into an empty directory.
@@ -371,8 +382,8 @@ class ExportErrorTest(absltest.TestCase):
     startup = [line.split("] ", 1)[-1] for line in first.stderr.splitlines()
                if "port.cc" in line or "cudart_stub.cc" in line]
     self.assertEqual(len(startup), len(set(startup)), first.stderr)
-    again = subprocess.run(command, cwd=_REPO, capture_output=True,
-                           text=True)
+    # The user error needs no fresh Python: a process of warm_cli's.
+    again = warm_cli.run(command[1:], warm_cli.environment(), cwd=_REPO)
     self.assertNotEqual(again.returncode, 0)
     # A user error: one line, no traceback.
     (line,) = [l for l in again.stderr.splitlines() if "export" in l]
