@@ -2,24 +2,21 @@
 
 Each takes a factory `make()` of fresh, identically initialised modules
 and compares them on the same inputs: XLA against eager, two replicas against
-one device on the concatenated batch, bfloat16 against float32, and a user's
-SavedModel loaded without our code against the module.
+one device on the concatenated batch, bfloat16 against float32. A user's
+SavedModel of each bottleneck, loaded without our code, is checked against
+the module in tests/quantizer_kinds_test.py: the trained bottleneck of each
+kind's end-to-end run, all loaded in one fresh Python.
 """
 
 import functools
 import os
-import subprocess
-import sys
-import tempfile
 import textwrap
 from typing import Callable, Sequence
 
 import numpy as np
-import pytest
 import sonnet as snt
 import tensorflow as tf
 
-import tiny
 
 # The keys every bottleneck returns, read by the trainer.
 COMMON_KEYS = ("quantize", "loss", "perplexity", "encoding_indices",
@@ -127,18 +124,18 @@ def check_bfloat16(test, make: Callable[[], snt.Module], batch: np.ndarray):
                                              tf.bfloat16), tf.float32))
 
 
-# Runs in a fresh Python in which sonnet and sonnet_vqvae cannot be imported.
-_LOAD_WITHOUT_OUR_CODE = tiny.BLOCK_OUR_CODE + textwrap.dedent("""
-    import numpy as np
-    import tensorflow as tf
-
-    path, inputs, outputs = sys.argv[1:]
-    data = np.load(inputs)
-    user = tf.saved_model.load(path)
-    encoded = user.encode(tf.constant(data["inputs"]))
-    np.savez(outputs, quantize=encoded["quantize"].numpy(),
-             indices=encoded["indices"].numpy(),
-             decoded=user.decode(tf.constant(data["indices"])).numpy())
+# Defines load_user_model(directory) for a fresh Python in which sonnet and
+# sonnet_vqvae cannot be imported (after tiny.BLOCK_OUR_CODE, numpy as np and
+# tensorflow as tf): what save_user_model saved there, called on its inputs.
+LOAD_USER_MODEL = textwrap.dedent("""
+    def load_user_model(directory):
+      data = np.load(os.path.join(directory, "in.npz"))
+      user = tf.saved_model.load(os.path.join(directory, "model"))
+      encoded = user.encode(tf.constant(data["inputs"]))
+      np.savez(os.path.join(directory, "out.npz"),
+               quantize=encoded["quantize"].numpy(),
+               indices=encoded["indices"].numpy(),
+               decoded=user.decode(tf.constant(data["indices"])).numpy())
 """)
 
 
@@ -161,31 +158,34 @@ class _UserModel(tf.Module):
     return {"quantize": out["quantize"], "indices": out["encoding_indices"]}
 
 
-def check_saved_model(test, bottleneck: snt.Module, batch: np.ndarray):
-  """Saved in a user's tf.Module with a dynamic batch, loaded in a Python
-  without sonnet or sonnet_vqvae: the module's codes and vectors."""
-  expected = bottleneck(tf.constant(batch), is_training=False)
-  indices = expected["encoding_indices"].numpy()
+def save_user_model(bottleneck: snt.Module, batch: np.ndarray,
+                    directory: str) -> None:
+  """Saves `bottleneck` in a user's tf.Module with a dynamic batch, and the
+  inputs load_user_model calls it on, in `directory`."""
+  indices = bottleneck(tf.constant(batch),
+                       is_training=False)["encoding_indices"].numpy()
   user = _UserModel(bottleneck, batch.shape[1:], indices.shape[1:])
-  with tempfile.TemporaryDirectory() as base:
-    path = os.path.join(base, "model")
-    tf.saved_model.save(user, path)
-    # A batch size the functions were not traced with.
-    inputs = np.concatenate([batch, batch[:1]])
-    codes = np.concatenate([indices, indices[:1]])
-    np.savez(os.path.join(base, "in.npz"), inputs=inputs, indices=codes)
-    subprocess.run([sys.executable, "-c", _LOAD_WITHOUT_OUR_CODE, path,
-                    os.path.join(base, "in.npz"),
-                    os.path.join(base, "out.npz")],
-                   check=True, cwd=base, env=dict(os.environ, PYTHONPATH=""))
-    got = dict(np.load(os.path.join(base, "out.npz")))
-  again = bottleneck(tf.constant(inputs), is_training=False)
+  tf.saved_model.save(user, os.path.join(directory, "model"))
+  # A batch size the functions were not traced with.
+  np.savez(os.path.join(directory, "in.npz"),
+           inputs=np.concatenate([batch, batch[:1]]),
+           indices=np.concatenate([indices, indices[:1]]))
+
+
+def check_loaded_user_model(test, bottleneck: snt.Module,
+                            directory: str) -> None:
+  """What load_user_model gave in `directory` is the module's codes and
+  vectors."""
+  data = np.load(os.path.join(directory, "in.npz"))
+  got = dict(np.load(os.path.join(directory, "out.npz")))
+  again = bottleneck(tf.constant(data["inputs"]), is_training=False)
   np.testing.assert_array_equal(got["indices"], again["encoding_indices"])
   np.testing.assert_allclose(got["quantize"], again["quantize"], rtol=1e-6,
                              atol=1e-6)
-  np.testing.assert_allclose(got["decoded"], bottleneck.quantize(codes),
+  np.testing.assert_allclose(got["decoded"],
+                             bottleneck.quantize(data["indices"]),
                              rtol=1e-6, atol=1e-6)
-  test.assertEqual(got["indices"].shape, codes.shape)
+  test.assertEqual(got["indices"].shape, data["indices"].shape)
 
 
 class StandardChecks:
@@ -209,7 +209,3 @@ class StandardChecks:
 
   def test_bfloat16(self):
     check_bfloat16(self, self.make, self.BATCHES[0])
-
-  @pytest.mark.slow
-  def test_saved_model(self):
-    check_saved_model(self, self.make(), self.BATCHES[0])

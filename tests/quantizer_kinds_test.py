@@ -3,9 +3,10 @@
 The modules themselves are tested in their own files; here each kind is the
 bottleneck of our model and trainer: the config builds it, a run's
 fingerprint names it (and stays what it was for the runs from before the
-kinds), bad options are named, and on mock data each kind trains, evaluates,
-draws its figures, fits a prior and exports a SavedModel that loads without
-our code.
+kinds), bad options are named, and on mock data each kind trains, evaluates
+and draws its figures; each but "vq" (whose prior and export run "ema"'s
+code) fits a prior and exports a SavedModel that loads without our code, as
+does a user's module holding its trained bottleneck.
 """
 
 import json
@@ -23,6 +24,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+import bottleneck_checks
 from sonnet_vqvae import export
 from sonnet_vqvae import prior
 from sonnet_vqvae import train
@@ -160,13 +162,16 @@ class BuildTest(parameterized.TestCase):
 
 
 # Loads SavedModels in a Python where sonnet and sonnet_vqvae cannot be
-# imported; saves what each one's signatures give, or why it failed. One
-# Python for every kind: each start costs seconds of importing TensorFlow.
+# imported: each kind's export, saving what its signatures give, and the
+# user's module holding its bottleneck (bottleneck_checks), in "user" beside
+# the export; or saves why it failed. One Python for every kind: each start
+# costs seconds of importing TensorFlow.
 _LOAD_WITHOUT_OUR_CODE = tiny.BLOCK_OUR_CODE + textwrap.dedent("""
+    import os
     import traceback
     import numpy as np
     import tensorflow as tf
-
+""") + bottleneck_checks.LOAD_USER_MODEL + textwrap.dedent("""
     inputs, *paths = sys.argv[1:]
     data = np.load(inputs)
     for path in paths:
@@ -180,6 +185,7 @@ _LOAD_WITHOUT_OUR_CODE = tiny.BLOCK_OUR_CODE + textwrap.dedent("""
         np.savez(path + ".npz", codes=codes.numpy(), decoded=decoded.numpy(),
                  sample_codes=drawn["codes"].numpy(),
                  sample_images=drawn["images"].numpy())
+        load_user_model(os.path.join(os.path.dirname(path), "user"))
       except Exception:  # pylint: disable=broad-except
         with open(path + ".error", "w") as f:
           f.write(traceback.format_exc())
@@ -187,14 +193,20 @@ _LOAD_WITHOUT_OUR_CODE = tiny.BLOCK_OUR_CODE + textwrap.dedent("""
 
 # The end-to-end kinds. "ema" is the default config's kind (the same model,
 # see FingerprintTest), which export_test and prior_test run end to end.
-# Residual with 2 stages: several grids (per-stage metrics and figures, a
-# prior per stage) at less cost than KINDS' 3.
+# "vq" differs from it in training only (a codebook learnt by gradients, not
+# moving averages): it trains and evaluates here, but its prior and export
+# would run the same code as "ema"'s (the quantizers share their inference
+# path), so it fits none. Residual with 2 stages: several grids (per-stage
+# metrics and figures, a prior per stage) at less cost than KINDS' 3.
 _END_TO_END = {"vq": {}, "residual": {"num_stages": 2}, "fsq": {},
                "lfq": {}}
+_TRAIN_ONLY = ("vq",)
 
 
 def _train_and_export(kind, base):
-  """Trains, evaluates, fits a prior and exports one kind under `base`."""
+  """Trains and evaluates one kind under `base`; then, but for _TRAIN_ONLY,
+  fits a prior, exports it and saves the trained bottleneck in a user's
+  module."""
   vqvae_dir = os.path.join(base, "vqvae")
   prior_dir = os.path.join(base, "prior")
   config = _config(kind, num_steps=4, jit_compile=False)
@@ -202,18 +214,30 @@ def _train_and_export(kind, base):
   with tfds.testing.mock_data(num_examples=16):
     # No XLA: "auto" would compile both loops for 4 steps.
     metrics = train.train_and_evaluate(config, vqvae_dir)
+    if kind in _TRAIN_ONLY:
+      return {"metrics": metrics, "vqvae_dir": vqvae_dir}
     prior_metrics = prior.train_prior(
         tiny.prior_config(num_steps=2, log_every=1, checkpoint_every=2,
                           jit_compile=False),
         vqvae_dir, prior_dir)
   path = export.export_saved_model(prior_dir, os.path.join(base, "export"))
+  _, vqvae = train.restore_model(vqvae_dir)
+  user = os.path.join(base, "user")
+  os.makedirs(user)
+  images = _images().astype(np.float32) / 255. - .5
+  z = vqvae(images, is_training=False)["z"].numpy()
+  bottleneck_checks.save_user_model(vqvae.quantizer, z, user)
   return {"metrics": metrics, "prior_metrics": prior_metrics,
-          "vqvae_dir": vqvae_dir, "prior_dir": prior_dir, "export": path}
+          "vqvae_dir": vqvae_dir, "prior_dir": prior_dir, "export": path,
+          "user": user}
 
 
 @pytest.mark.slow
 class EndToEndTest(parameterized.TestCase):
   """Each kind trained, evaluated, fitted a prior and exported once.
+
+  Its trained bottleneck, in a user's own tf.Module, loads without our code
+  too (bottleneck_checks' SavedModel check of residual VQ, FSQ and LFQ).
 
   A kind that fails there fails its own test, with its error; the others
   still run.
@@ -232,7 +256,7 @@ class EndToEndTest(parameterized.TestCase):
     cls.inputs = os.path.join(cls.base, "in.npz")
     np.savez(cls.inputs, uint8=_images())
     paths = [run["export"] for run in cls.runs.values()
-             if not isinstance(run, Exception)]
+             if not isinstance(run, Exception) and "export" in run]
     cls.loaded = subprocess.run(
         [sys.executable, "-c", _LOAD_WITHOUT_OUR_CODE, cls.inputs, *paths],
         cwd=cls.base, env=dict(os.environ, PYTHONPATH=""),
@@ -250,8 +274,7 @@ class EndToEndTest(parameterized.TestCase):
       raise run
     _, codes_per_grid, grids = KINDS[kind][2]
     grids = _END_TO_END[kind].get("num_stages", grids)
-    metrics, prior_metrics = run["metrics"], run["prior_metrics"]
-    vqvae_dir, prior_dir = run["vqvae_dir"], run["prior_dir"]
+    metrics, vqvae_dir = run["metrics"], run["vqvae_dir"]
 
     # Evaluation: codes over the kind's codebook, per stage for residual.
     self.assertTrue(np.isfinite(metrics["nmse"]))
@@ -272,6 +295,10 @@ class EndToEndTest(parameterized.TestCase):
       self.assertBetween(metrics["codes_used"], 1, codes_per_grid)
       self.assertTrue(os.path.exists(os.path.join(vqvae_dir, "codebook.png")))
 
+    if kind in _TRAIN_ONLY:
+      return
+    prior_metrics, prior_dir = run["prior_metrics"], run["prior_dir"]
+
     # The prior: one grid of the kind's codes, or one per stage.
     self.assertTrue(np.isfinite(prior_metrics["nll_nats_per_code"]))
     self.assertAlmostEqual(prior_metrics["uniform_nats_per_code"],
@@ -280,11 +307,11 @@ class EndToEndTest(parameterized.TestCase):
       self.assertIn(f"level{grids - 1}_nll_nats_per_code", prior_metrics)
 
     # The export loads without our code and gives the model's codes.
-    outputs = run["export"] + ".npz"
+    error, outputs = run["export"] + ".error", run["export"] + ".npz"
+    if os.path.exists(error):
+      self.fail(open(error).read())
     if not os.path.exists(outputs):
-      error = run["export"] + ".error"
-      self.fail(open(error).read() if os.path.exists(error) else
-                self.loaded.stderr[-3000:])
+      self.fail(self.loaded.stderr[-3000:])
     got = dict(np.load(outputs))
     images = np.load(self.inputs)["uint8"]
     _, vqvae = train.restore_model(vqvae_dir)
@@ -303,6 +330,9 @@ class EndToEndTest(parameterized.TestCase):
     drawn = prior.sample_images(model, vqvae, num_samples=2, label=0,
                                 temperature=1.0, seed=3)
     self.assertEqual(drawn.shape, (2, 32, 32, 3))
+    # The user's module holding the trained bottleneck.
+    bottleneck_checks.check_loaded_user_model(self, vqvae.quantizer,
+                                              run["user"])
 
 
 if __name__ == "__main__":
