@@ -1,4 +1,5 @@
-"""Runs the notebooks top to bottom with a tiny step count and tiny models."""
+"""Runs the notebooks top to bottom with a tiny step count, tiny models and
+tfds mock data."""
 
 import json
 import os
@@ -11,11 +12,25 @@ import pytest
 import tiny
 
 _NOTEBOOKS = pathlib.Path(__file__).parent.parent / "notebooks"
-# Starts tfds' mock data inside the kernel when the real subset is absent.
+# Starts tfds' mock data inside the kernel, and records the data_dir each
+# dataset is opened with. Mock data, not the real subset even where
+# $SONNET_VQVAE_TEST_DATA_DIR has it: there every cell would count, scale and
+# encode its 6,102 images, which checks nothing more (train_test trains on
+# it); what the notebook does with DATA_DIR is checked on the record.
 _MOCK_DATA = """
 import tensorflow_datasets as tfds
 _mock_data = tfds.testing.mock_data(num_examples=64)
 _mock_data.__enter__()
+_data_dirs = []
+_builder = tfds.builder
+
+
+def _recording_builder(*args, data_dir=None, **kwargs):
+  _data_dirs.append(data_dir)
+  return _builder(*args, data_dir=data_dir, **kwargs)
+
+
+tfds.builder = _recording_builder
 """
 
 
@@ -83,10 +98,14 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
   notebook.cells = [cell for cell in notebook.cells if "injected-parameters"
                     not in cell.metadata.get("tags", [])]
   own_cells = list(notebook.cells)
-  data_dir = os.environ.get("SONNET_VQVAE_TEST_DATA_DIR")
-  if not (data_dir and os.path.isdir(os.path.join(data_dir, "cifar10"))):
-    data_dir = None
-    notebook.cells.insert(0, nbformat.v4.new_code_cell(_MOCK_DATA))
+  notebook.cells.insert(0, nbformat.v4.new_code_cell(_MOCK_DATA))
+  # A directory only the mock data "reads": every dataset the notebook opens
+  # must be opened there.
+  data_dir = str(tmp_path / "tensorflow_datasets")
+  data_dirs = tmp_path / "data_dirs.json"
+  notebook.cells.append(nbformat.v4.new_code_cell(
+      f"import json\nwith open({str(data_dirs)!r}, 'w') as f:\n"
+      "  json.dump(_data_dirs, f)\n"))
   overrides = nbformat.v4.new_code_cell(
       f"NUM_STEPS = 3\nBATCH_SIZE = 8\nLOG_EVERY = 1\nDATA_DIR = {data_dir!r}\n"
       f"WORKDIR = {str(tmp_path / 'run')!r}\nPRIOR_NUM_STEPS = 2\n")
@@ -118,3 +137,7 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
   assert not stderr, stderr
   text = "".join(output.get("text", "") for output in outputs)
   assert "step 3/3 loss" in text, text
+  # Each split the notebook and its runs read came from DATA_DIR.
+  with open(data_dirs) as f:
+    opened = json.load(f)
+  assert opened and set(opened) == {data_dir}, opened
