@@ -98,6 +98,40 @@ def _trained_prior_copy():
   return copies
 
 
+# _TRAINED trained on to step 6 once per module, and what a reader saw while
+# that run's save of step 6 was between its temporary write and its rename.
+_TRAINED_FURTHER = []
+
+
+def _trained_further_copy():
+  """(copy of the run trained on to 6, [state, embeddings, state]).
+
+  What a reader saw during the save: the workdir's state, the embeddings it
+  restored, and the state after it also exported.
+  """
+  if not _TRAINED_FURTHER:
+    workdir, output = _trained_copy(), tempfile.mkdtemp()
+    directory = os.path.join(workdir, "checkpoints")
+    merge = gen_io_ops.merge_v2_checkpoints
+    seen = []
+
+    def paused_merge(*args, **kwargs):
+      if not seen and os.path.isdir(os.path.join(directory, "ckpt-6_temp")):
+        seen.append(rundir_test._state(workdir))
+        seen.append(
+            train.restore_model(workdir)[1].quantizer.embeddings.numpy())
+        export.export_saved_model(workdir, os.path.join(output, "export"))
+        seen.append(rundir_test._state(workdir))
+      return merge(*args, **kwargs)
+
+    with mock.patch.object(gen_io_ops, "merge_v2_checkpoints", paused_merge):
+      _train_only(tiny.vqvae_config(num_steps=6), workdir)
+    _TRAINED_FURTHER.extend([workdir, seen])
+  copy = os.path.join(tempfile.mkdtemp(), "workdir")
+  shutil.copytree(_TRAINED_FURTHER[0], copy)
+  return copy, _TRAINED_FURTHER[1]
+
+
 def _snapshot(directory):
   """{path: bytes} of every file under `directory`."""
   contents = {}
@@ -168,21 +202,9 @@ class ReaderTest(absltest.TestCase):
   @pytest.mark.slow
   def test_reader_during_the_trainers_save_leaves_it_alone(self):
     """Export and restore between a save's temporary write and its rename."""
-    workdir, output = _trained_copy(), tempfile.mkdtemp()
+    # The module's run trained on to 6 with that reader (see there).
+    workdir, seen = _trained_further_copy()
     directory = os.path.join(workdir, "checkpoints")
-    merge = gen_io_ops.merge_v2_checkpoints
-    seen = []
-
-    def paused_merge(*args, **kwargs):
-      if not seen and os.path.isdir(os.path.join(directory, "ckpt-6_temp")):
-        seen.append(rundir_test._state(workdir))
-        seen.append(train.restore_model(workdir)[1].quantizer.embeddings.numpy())
-        export.export_saved_model(workdir, os.path.join(output, "export"))
-        seen.append(rundir_test._state(workdir))
-      return merge(*args, **kwargs)
-
-    with mock.patch.object(gen_io_ops, "merge_v2_checkpoints", paused_merge):
-      _train_only(tiny.vqvae_config(num_steps=6), workdir)
     self.assertLen(seen, 3, "the reader did not run during the save")
     self.assertEqual(seen[2], seen[0])  # It moved and wrote nothing.
     self.assertEqual(_latest_step(workdir), 6)  # The save went through.
@@ -328,7 +350,8 @@ class PriorProvenanceTest(absltest.TestCase):
 
   @pytest.mark.slow
   def test_sampling_with_another_vqvae_is_an_error(self):
-    vqvae_a, prior_dir = _trained_prior_copy()  # Seed 0, 4 steps.
+    # On a copy of the module's run (seed 0) at step 4.
+    _, prior_dir = _trained_prior_copy()
     vqvae_b = tempfile.mkdtemp()
     _train_only(tiny.vqvae_config(seed=1), vqvae_b)
     config = tiny.prior_config(num_samples=2)
@@ -337,14 +360,16 @@ class PriorProvenanceTest(absltest.TestCase):
       prior.sample(config, vqvae_b, prior_dir)
     self.assertEqual(_snapshot(prior_dir), before)
 
-    # Trained further, the VQ-VAE's codes change: resuming the prior on them
-    # is an error naming the step; sampling still finds the recorded one
-    # (the checkpoint it was trained on, among newer ones).
+    # Trained further (the module's run on to step 6), the VQ-VAE's codes
+    # change: resuming the prior on them is an error naming the step;
+    # sampling still finds the recorded one (the checkpoint it was trained
+    # on, among newer ones).
+    further, _ = _trained_further_copy()
+    self.assertEqual(_latest_step(further), 6)
     with tfds.testing.mock_data(num_examples=16):
-      train.train(tiny.vqvae_config(num_steps=6, seed=0), vqvae_a)
       with self.assertRaisesRegex(rundir.FingerprintMismatch, "vqvae.step"):
-        prior.train_prior(tiny.prior_config(num_steps=4), vqvae_a, prior_dir)
-    self.assertTrue(os.path.exists(prior.sample(config, vqvae_a, prior_dir)))
+        prior.train_prior(tiny.prior_config(num_steps=4), further, prior_dir)
+    self.assertTrue(os.path.exists(prior.sample(config, further, prior_dir)))
 
 
 class _Stopped(Exception):

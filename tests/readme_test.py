@@ -119,10 +119,7 @@ class ReadmeTest(absltest.TestCase):
     self.assertContainsSubset(
         {"sonnet_vqvae.train", "sonnet_vqvae.prior", "sonnet_vqvae.export"},
         modules)
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env["PYTHONPATH"] = os.pathsep.join(
-        [_ROOT, tests, env.get("PYTHONPATH", "")])
+    env = warm_cli.environment()
     with tempfile.TemporaryDirectory() as tmp:
       runs = [["-m", *_with_tiny_flags(argv, tmp)] for argv in commands]
       runs.append(["-c", _CALL_EXPORT, os.path.join(tmp, "prior_export")])
