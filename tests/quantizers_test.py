@@ -293,14 +293,16 @@ class NonFiniteInputsTest(parameterized.TestCase):
     for vq in (dirty, clean):
       # Collapsed far from the data, so that restarts happen.
       vq.embeddings.assign(tf.zeros([4, 16]))
-    call_dirty, call_clean = (
-        (tf.function(vq.__call__) if use_tf_function else vq.__call__)
-        for vq in (dirty, clean))
+
+    def both(dirty_batch, clean_batch):
+      return (dirty(dirty_batch, is_training=True),
+              clean(clean_batch, is_training=True))
+
+    call = tf.function(both) if use_tf_function else both  # One trace.
     for step in range(4):
       batch = _inputs([24, 4], seed=step).numpy() + 10
-      out = call_dirty(tf.constant(_with_nonfinite_rows(batch)),
-                       is_training=True)
-      expected = call_clean(tf.constant(batch), is_training=True)
+      out, expected = call(tf.constant(_with_nonfinite_rows(batch)),
+                           tf.constant(batch))
       _assert_same_state(_state(dirty), _state(clean))
       self.assertEqual(out["nonfinite_inputs"], 3)
       self.assertEqual(expected["nonfinite_inputs"], 0)
