@@ -348,12 +348,15 @@ def _kmeans(points: tf.Tensor, valid: tf.Tensor, num_clusters: int,
   # valid_rows[i] is the row of the i-th valid point: the draws below pick
   # what they pick in the batch of the valid points alone.
   valid_rows = tf.argsort(tf.cast(~valid, tf.int32), stable=True)
-  first = valid_rows[tf.random.stateless_uniform(
-      [], seed, maxval=num_valid, dtype=tf.int32)]
+  # tf.gather, not [] indexing (here and below): XLA wants constant slice
+  # bounds, which made the batch and step constants, one compilation a step.
+  first = tf.gather(valid_rows, tf.random.stateless_uniform(
+      [], seed, maxval=num_valid, dtype=tf.int32))
+  first_point = tf.gather(points, first)
   centres = tf.tensor_scatter_nd_update(
       tf.zeros([num_clusters, points.shape[1]], points.dtype), [[0]],
-      points[first][None])
-  min_sq_dist = tf.reduce_sum((points - points[first])**2, axis=1)
+      first_point[None])
+  min_sq_dist = tf.reduce_sum((points - first_point)**2, axis=1)
   never = tf.constant(float("-inf"), points.dtype)
 
   def seed_next(k, centres, min_sq_dist):
@@ -362,8 +365,9 @@ def _kmeans(points: tf.Tensor, valid: tf.Tensor, num_clusters: int,
     logits = tf.where(valid, tf.math.log(min_sq_dist + 1e-12), never)[None]
     pick = tf.random.stateless_categorical(
         logits, 1, seed + tf.stack([k, 0]), dtype=tf.int32)[0, 0]
-    centres = tf.tensor_scatter_nd_update(centres, [[k]], points[pick][None])
-    sq_dist = tf.reduce_sum((points - points[pick])**2, axis=1)
+    picked = tf.gather(points, pick)
+    centres = tf.tensor_scatter_nd_update(centres, [[k]], picked[None])
+    sq_dist = tf.reduce_sum((points - picked)**2, axis=1)
     return k + 1, centres, tf.minimum(min_sq_dist, sq_dist)
 
   _, centres, _ = tf.while_loop(lambda k, *_: k < num_clusters, seed_next,

@@ -547,6 +547,19 @@ class CodebookHealthTest(parameterized.TestCase):
     for value in _state(vq).values():
       self.assertTrue(np.all(np.isfinite(value)))
 
+  def test_xla_step_with_kmeans_is_one_program_for_every_batch(self):
+    # A value XLA must know at compile time (the batch, the step) is baked
+    # into the program: a new program, and a compilation, per call.
+    vq = _make(True, kmeans_init=True, kmeans_iters=1, dead_code_threshold=0.5)
+    step = tf.function(lambda x: vq(x, is_training=True)["quantize"],
+                       jit_compile=True)
+    programs = set()
+    for s in range(3):
+      programs.add(step.experimental_get_compiler_ir(_inputs([32, 4], seed=s))(
+          stage="hlo"))
+      vq.training_steps.assign_add(1)
+    self.assertEqual(len(programs), 1, "XLA programs for 3 batches and steps")
+
   @parameterized.parameters(False, True)
   def test_kmeans_init_lowers_first_step_error(self, ema):
     inputs = _inputs([256, 4]) * 3 + 1
