@@ -9,6 +9,7 @@ from unittest import mock
 from absl import flags
 from absl import logging as absl_logging
 from absl.testing import absltest
+import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 import tqdm
@@ -236,50 +237,37 @@ class LogToTest(absltest.TestCase):
     self.assertEqual(stream.getvalue(), "WARNING: shown\n")
 
 
-def test_a_notebooks_tensorflow_import_keeps_warnings_once(capfd):
-  # What import_tensorflow_quietly lets through while TF's libraries load.
-  lines = [
-      b"WARNING: All log messages before absl::InitializeLog() is called "
-      b"are written to STDERR\n",
-      b"I0000 00:00:1796142501.241688   32038 cudart_stub.cc:31] no cuda\n",
-      b"I0000 00:00:1796142501.241688   32038 cpu_feature_guard.cc:1] AVX\n",
-      b"To enable the following instructions: AVX2\n",  # The line above's.
-      b"W0000 00:00:1796142501.241688   32038 x.cc:1] a warning\n",
-      b"second line of the warning\n",
-      b"W0000 00:00:1796142509.000000   32038 x.cc:1] a warning\n",
-      b"second line of the warning\n",
-      b"E0000 00:00:1796142509.000000   32038 y.cc:2] an error\n",
-  ]
-  with cli._stderr_lines_kept(cli._tf_lines_once(drop_info=True)):
-    for line in lines:
+# TF's libraries, each printing its start-up lines as it loads.
+_TF_IMPORT_LINES = [
+    b"WARNING: All log messages before absl::InitializeLog() is called "
+    b"are written to STDERR\n",
+    b"I0000 00:00:1796142501.241688   32038 cudart_stub.cc:31] no cuda\n",
+    b"I0000 00:00:1796142501.241688   32038 cpu_feature_guard.cc:1] AVX\n",
+    b"To enable the following instructions: AVX2\n",  # The line above's.
+    b"W0000 00:00:1796142501.241688   32038 x.cc:1] a warning\n",
+    b"second line of the warning\n",
+    b"WARNING: All log messages before absl::InitializeLog() is called "
+    b"are written to STDERR\n",
+    b"I0000 00:00:1796142509.000000   32038 cudart_stub.cc:31] no cuda\n",
+    b"W0000 00:00:1796142509.000000   32038 x.cc:1] a warning\n",
+    b"second line of the warning\n",
+    b"E0000 00:00:1796142509.000000   32038 y.cc:2] an error\n",
+]
+
+
+@pytest.mark.parametrize("drop_info, kept", [
+    # A program (import_tensorflow_once): every line, the first time.
+    (False, [0, 1, 2, 3, 4, 5, 10]),
+    # A notebook (import_tensorflow_quietly): warnings and errors with their
+    # second lines, the first time.
+    (True, [4, 5, 10]),
+])
+def test_tensorflow_import_lines_are_kept_once(capfd, drop_info, kept):
+  with cli._stderr_lines_kept(cli._tf_lines_once(drop_info=drop_info)):
+    for line in _TF_IMPORT_LINES:
       os.write(2, line)
-  assert capfd.readouterr().err == (
-      "W0000 00:00:1796142501.241688   32038 x.cc:1] a warning\n"
-      "second line of the warning\n"
-      "E0000 00:00:1796142509.000000   32038 y.cc:2] an error\n")
-
-
-def test_a_programs_tensorflow_import_prints_each_line_once(capfd):
-  # What import_tensorflow_once lets through while TF's libraries load: each
-  # library prints the same start-up lines, whatever their level.
-  lines = [
-      b"WARNING: All log messages before absl::InitializeLog() is called "
-      b"are written to STDERR\n",
-      b"I0000 00:00:1796142501.241688   32038 cudart_stub.cc:31] no cuda\n",
-      b"WARNING: All log messages before absl::InitializeLog() is called "
-      b"are written to STDERR\n",
-      b"I0000 00:00:1796142509.000000   32038 cudart_stub.cc:31] no cuda\n",
-      b"E0000 00:00:1796142509.000000   32038 y.cc:2] an error\n",
-  ]
-  with cli._stderr_lines_kept(cli._tf_lines_once(drop_info=False)):
-    for line in lines:
-      os.write(2, line)
-  assert capfd.readouterr().err == (
-      "WARNING: All log messages before absl::InitializeLog() is called "
-      "are written to STDERR\n"
-      "I0000 00:00:1796142501.241688   32038 cudart_stub.cc:31] no cuda\n"
-      "E0000 00:00:1796142509.000000   32038 y.cc:2] an error\n")
-
+  assert capfd.readouterr().err == b"".join(
+      _TF_IMPORT_LINES[i] for i in kept).decode()
 
 if __name__ == "__main__":
   absltest.main()
